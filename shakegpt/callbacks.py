@@ -1,0 +1,136 @@
+"""shakegpt's own Lightning callbacks: the step progress bar, the seed's log line, text samples and
+the TensorBoard HParams entry."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
+
+
+def hms(seconds: float) -> str:
+    """Seconds -> 'h:mm:ss' (the seed log line's clock format)."""
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A bar over optimizer steps up to `trainer.max_steps` (training batches are an endless stream,
+    so Lightning's per-epoch bar has no total); tqdm then shows elapsed and remaining time."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = trainer.global_step  # after a resume: rate and ETA count only this run's steps
+        bar.n = trainer.global_step
+        bar.set_description("step")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
+        step, bar = trainer.global_step, self.train_progress_bar
+        if bar is not None and not bar.disable and self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the run directory names the run
+        return metrics
+
+
+class SeedLogLine(L.Callback):
+    """After every validation, print the seed's line:
+    `T+ 0:40:01 - step 7657/9652: train loss 1.5231, val loss 1.6900; train acc  0.4141, val acc 0.3893; t_remain 0:10:41`
+    Train figures are the mean over the steps since the previous validation."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.start_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start, self.start_step = time.perf_counter(), trainer.global_step
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.start is None:
+            return
+        m = trainer.callback_metrics
+        if "val/loss" not in m or "train/loss_avg" not in m:
+            return
+        elapsed = time.perf_counter() - self.start
+        step, total = trainer.global_step, trainer.max_steps
+        done = step - self.start_step
+        remain = elapsed / done * (total - step) if done > 0 and total > 0 else math.nan
+        line = (
+            f"T+ {hms(elapsed)} - step {step}/{total}: "
+            f"train loss {m['train/loss_avg']:.4f}, val loss {m['val/loss']:.4f}; "
+            f"train acc {m['train/acc_avg']:7.4f}, val acc {m['val/acc']:.4f}; "
+            f"t_remain {hms(remain) if math.isfinite(remain) else '?'}"
+        )
+        log.info(line)
+        # above the progress bar, and also where no logging handler is set up (a notebook)
+        bar = next((c for c in trainer.callbacks if isinstance(c, TQDMProgressBar)), None)
+        if bar is not None and bar.is_enabled and not logging.getLogger().handlers:
+            bar.print(line)
+
+
+class TextSample(L.Callback):
+    """At the end of every validation, generate text from a fixed prompt and seed and write it to
+    TensorBoard (TEXT tab), so the run's progress can be read as well as plotted."""
+
+    def __init__(
+        self,
+        prompt: str = "\n",
+        num_chars: int = 300,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 0,
+    ):
+        self.prompt, self.num_chars, self.temperature, self.top_k, self.seed = (
+            prompt,
+            num_chars,
+            temperature,
+            top_k,
+            seed,
+        )
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.num_chars <= 0:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        text = pl_module.generate_text(self.prompt, self.num_chars, self.temperature, self.top_k, self.seed)
+        for lg in loggers:
+            # TensorBoard renders text as markdown: indent it as a code block to keep the line breaks
+            lg.experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)
+
+
+class HParamsWithMetric(L.Callback):
+    """Write the run's hyperparameters to TensorBoard's HParams tab with `val/loss_best` and
+    `val/loss` as its metrics. Their values come from the scalars logged at each validation, so the
+    tab never shows a placeholder (Lightning's `hp_metric = -1`)."""
+
+    METRICS = ("val/loss_best", "val/loss", "val/acc", "val/bpc")
+
+    def __init__(self, params: dict[str, Any]):
+        self.params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                writer = lg.experiment._get_file_writer()
+                # the metric values given here are not written; only the metric names are declared
+                for summary in hparams(self.params, dict.fromkeys(self.METRICS, 0.0)):
+                    writer.add_summary(summary)

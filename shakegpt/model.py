@@ -1,0 +1,241 @@
+"""GPTConfig and GPT: a decoder-only character transformer in plain PyTorch.
+
+Knows nothing of Lightning or Hydra: build it from a `GPTConfig` (or a plain dict) anywhere.
+
+Where dropout is applied (rate `dropout`): on the embedding sum, on the attention output
+projection before it joins the residual stream, and on the feed-forward output before it joins the
+residual stream. Attention probabilities get their own rate `attn_dropout` (0 by default: any
+non-zero rate pushes `scaled_dot_product_attention` off its fused CPU kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shakegpt.errors import ConfigError
+from shakegpt.pos_encoding import POS_ENCODINGS, PositionEncoding, build_pos_encoding
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 66
+    d_model: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    d_ff: int | None = None  # FFN hidden size; None means 4 * d_model (nanoGPT); the seed uses 2 * d_model
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    bias: bool = False  # biases in every Linear and LayerNorm
+    tie_weights: bool = False  # output head shares the token embedding matrix
+    max_seq_len: int = 256
+    pos_encoding: str = "learned"
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        for name in ("vocab_size", "d_model", "n_layer", "n_head", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}={value!r} is invalid; it must be a positive integer")
+        for name in ("dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"model.{name}={value!r} is invalid; it must be in [0, 1)")
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
+                f"pick n_head among the divisors of {self.d_model}"
+            )
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ConfigError(
+                f"model.pos_encoding={self.pos_encoding!r} is unknown; choose one of {', '.join(POS_ENCODINGS)}"
+            )
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rope needs an even head size, got d_model/n_head = {self.head_dim}")
+        if self.rope_base <= 1.0:
+            raise ConfigError(f"model.rope_base={self.rope_base!r} is invalid; it must be > 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.attn_dropout = cfg.attn_dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, pos: PositionEncoding, bias: torch.Tensor | None, offset: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, hd)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k = pos.rotate(q, k, offset)
+        p = self.attn_dropout if self.training else 0.0
+        if bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:  # the bias carries the causal mask itself
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. LayerNorm acts on each position's d_model vector alone, so no
+    information flows from later to earlier positions (the seed's (seq, d_model) LayerNorm leaks)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, pos: PositionEncoding, bias: torch.Tensor | None, offset: int) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), pos, bias, offset)
+        return x + self.ffn(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig | dict):
+        super().__init__()
+        if isinstance(cfg, dict):
+            cfg = GPTConfig.from_dict(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = build_pos_encoding(cfg.pos_encoding, cfg.max_seq_len, cfg.d_model, cfg.n_head, cfg.rope_base)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each block adds two projections to the residual stream
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+        T = idx.size(1)
+        if offset + T > self.cfg.max_seq_len:
+            raise ConfigError(
+                f"sequence of {offset + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "shorten the input or raise model.max_seq_len"
+            )
+        x = self.drop(self.pos.embed(self.tok_emb(idx), offset))  # (B, T, C)
+        bias = self.pos.attn_bias(T, offset, x.dtype, x.device)  # (H, T, T) or None
+        for block in self.blocks:
+            x = block(x, self.pos, bias, offset)
+        return self.head(self.ln_f(x))  # (B, T, vocab)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        num_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        num_allowed: int | None = None,
+    ) -> torch.Tensor:
+        """Sample `num_tokens` tokens after the prompt `idx` (B, T); the context slides once it
+        reaches max_seq_len. Only ids below `num_allowed` are drawn (a tokenizer's `<unk>` and unused
+        rows never are). Returns (B, T + num_tokens)."""
+        if temperature <= 0:
+            raise ConfigError(f"temperature={temperature!r} is invalid; it must be > 0")
+        if top_k is not None and top_k < 1:
+            raise ConfigError(f"top_k={top_k!r} is invalid; it must be >= 1 (or None for no limit)")
+        was_training = self.training
+        self.eval()
+        for _ in range(num_tokens):
+            logits = self(idx[:, -self.cfg.max_seq_len :])[:, -1, :num_allowed].float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        self.train(was_training)
+        return idx
+
+    def param_breakdown(self) -> dict[str, int]:
+        """Exact trainable parameter count per component; the values sum to the model's total
+        (a tied head shares the embedding matrix and so counts 0)."""
+        parts = dict.fromkeys(
+            ("token_embedding", "position_embedding", "attention", "feed_forward", "layer_norm", "output_head"), 0
+        )
+        for name, p in self.named_parameters():  # named_parameters() yields a tied matrix once
+            if name.startswith("tok_emb"):
+                key = "token_embedding"
+            elif name.startswith("pos."):
+                key = "position_embedding"
+            elif ".attn." in name:
+                key = "attention"
+            elif ".ffn." in name:
+                key = "feed_forward"
+            elif ".ln" in name or name.startswith("ln_f"):
+                key = "layer_norm"
+            elif name.startswith("head"):
+                key = "output_head"
+            else:  # a new parameter must be given a component, or the breakdown would silently drift
+                raise AssertionError(f"parameter {name} belongs to no component")
+            parts[key] += p.numel()
+        return parts
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        parts = self.param_breakdown()
+        total = sum(parts.values())
+        if non_embedding:
+            total -= parts["token_embedding"] + parts["position_embedding"]
+        return total
+
+
+def seed_formula_params(cfg: GPTConfig, seq_len: int) -> int:
+    """The seed's own count: d_m·d_in + 2·d_m·seq + N·(4·d_m² + 4·d_m·seq + 2·d_m·d_h) + d_m·d_in,
+    plus seq·d_m for a learned position table. Its LayerNorms have affine shape (seq, d_model),
+    hence the d_m·seq terms; it counts no Linear biases and an untied head."""
+    d, n, v, h = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_ff
+    count = d * v + 2 * d * seq_len + n * (4 * d * d + 4 * d * seq_len + 2 * d * h) + d * v
+    if cfg.pos_encoding == "learned":
+        count += seq_len * d
+    return count

@@ -1,0 +1,187 @@
+"""LitGPT: the LightningModule around GPT — loss, metrics, optimizer and learning-rate schedule.
+
+Its hyperparameters are plain data (the model config dict, the optimizer dict and the vocabulary
+string), so `LitGPT.load_from_checkpoint(path)` works without Hydra or the dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from shakegpt.errors import ConfigError
+from shakegpt.model import GPT, GPTConfig
+from shakegpt.tokenizer import CharTokenizer
+
+LN2 = math.log(2.0)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step `step`: linear warmup over `warmup` steps, then
+    cosine decay to `min_ratio` at `total` (or constant). Defined for every step >= 0, including
+    runs shorter than the warmup and steps past `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES = ("cosine", "constant")
+
+
+class LitGPT(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        vocab: str,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        schedule: str = "cosine",
+    ):
+        super().__init__()
+        if not lr > 0:
+            raise ConfigError(f"optim.lr={lr!r} is invalid; it must be > 0")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        if warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={warmup_steps!r} is invalid; it must be >= 0")
+        self.save_hyperparameters()
+        self.tokenizer = CharTokenizer(vocab)
+        self.config = GPTConfig.from_dict(dict(model))
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.config.vocab_size} is smaller than the corpus vocabulary "
+                f"({self.tokenizer.vocab_size} = {len(vocab)} characters + <unk>); set model.vocab_size >= {self.tokenizer.vocab_size}"
+            )
+        self.model = GPT(self.config)
+        # means over the whole val pass and over the training steps since the previous validation;
+        # torchmetrics reduces (sum, weight) across DDP ranks, so each is exact over all ranks
+        self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
+        self.train_loss_avg, self.train_acc_avg = MeanMetric(), MeanMetric()
+        self.best_val_loss = math.inf
+        self._tick: tuple[float, int] | None = None  # (time, step) of the last throughput reading
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss_acc(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self.model(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        acc = (logits.argmax(-1) == y).float().mean()
+        return loss, acc
+
+    def training_step(self, batch, batch_idx):
+        loss, acc = self._loss_acc(batch)
+        detached = loss.detach()
+        self.log("train/loss", detached, sync_dist=True, prog_bar=True)
+        self.log_dict({"train/acc": acc, "train/bpc": detached / LN2}, sync_dist=True)
+        self.train_loss_avg.update(detached)
+        self.train_acc_avg.update(acc)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # tokens/s over the steps since the last reading, across all ranks
+        now, step = time.perf_counter(), self.global_step
+        if self._tick is not None and step > self._tick[1] and step % self.trainer.log_every_n_steps == 0:
+            x, _ = batch
+            tokens = x.numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size * (step - self._tick[1])
+            self.log("throughput/tokens_per_s", tokens / (now - self._tick[0]), rank_zero_only=True)
+            self._tick = (now, step)
+        elif self._tick is None:
+            self._tick = (now, step)
+
+    def on_validation_start(self):
+        self._tick = None  # validation time is not training throughput
+
+    def validation_step(self, batch, batch_idx):
+        loss, acc = self._loss_acc(batch)
+        n = batch[1].numel()
+        self.val_loss.update(loss, n)
+        self.val_acc.update(acc, n)
+
+    def on_validation_epoch_end(self):
+        # MeanMetric reduces (sum, weight) over ranks: the exact mean over every val token
+        if self.trainer.sanity_checking:
+            self.val_loss.reset()
+            self.val_acc.reset()
+            return
+        loss = self.val_loss.compute()
+        self.best_val_loss = min(self.best_val_loss, loss.item())
+        metrics = {
+            "val/loss": loss,
+            "val/acc": self.val_acc.compute(),
+            "val/bpc": loss / LN2,
+            "val/loss_best": self.best_val_loss,
+        }
+        if self.train_loss_avg.update_count:  # the seed log line's "train loss" / "train acc"
+            metrics |= {"train/loss_avg": self.train_loss_avg.compute(), "train/acc_avg": self.train_acc_avg.compute()}
+        # already reduced over ranks by torchmetrics: sync_dist only averages identical values
+        self.log("val/loss", metrics.pop("val/loss"), prog_bar=True, sync_dist=True)
+        self.log_dict(metrics, sync_dist=True)
+        for m in (self.val_loss, self.val_acc, self.train_loss_avg, self.train_acc_avg):
+            m.reset()
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's mixed-precision plugin refuses to clip for a fused optimizer, in case a fp16
+        # GradScaler left the gradients scaled. Without a scaler (fp32, bf16) they are not.
+        if gradient_clip_val and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError(
+                    f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported; use norm"
+                )
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_val_loss"] = self.best_val_loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        prompt: str = "\n",
+        num_chars: int = 300,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> str:
+        """Sample `num_chars` characters after `prompt`; the same seed gives the same text."""
+        if not prompt:
+            raise ConfigError("prompt is empty; give at least one character, e.g. a newline")
+        idx = self.tokenizer.encode(prompt)[None].to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        out = self.model.generate(idx, num_chars, temperature, top_k, g, num_allowed=self.tokenizer.unk_id)
+        return self.tokenizer.decode(out[0, idx.size(1) :])
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # matrices (Linear weights, embeddings) decay; LayerNorm gains and biases do not
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused AdamW is one kernel for all tensors instead of a Python loop over them; fp16 with a
+        # GradScaler keeps the unfused one so that gradient clipping sees unscaled gradients
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        fused = not scaled and all(p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

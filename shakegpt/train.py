@@ -1,0 +1,125 @@
+"""One training run from a composed Hydra config: build data, model, callbacks, logger and Trainer,
+fit, and return the run's metrics. `train.py` at the top level is the command-line entry."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from shakegpt.callbacks import HParamsWithMetric
+from shakegpt.errors import ConfigError, ShakeGPTError
+from shakegpt.model import seed_formula_params
+from shakegpt.module import LitGPT
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but a user's error (bad value) surfaces as itself, not wrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ShakeGPTError):
+            raise e.__cause__ from None
+        raise
+
+
+def hparams_of(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run's hyperparameters as one flat dict (model.*, data.*, optim.*, a few trainer.*), for
+    TensorBoard's HParams tab; the preset names chosen on the command line are included."""
+    keep = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "data": {k: cfg.data[k] for k in ("batch_size", "seq_len")},
+        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
+        "trainer": {k: cfg.trainer.get(k) for k in ("max_steps", "precision", "devices", "gradient_clip_val")},
+        "seed": cfg.seed,
+    }
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = node
+
+    walk("", keep)
+    for group in ("model", "model/pos_encoding", "experiment"):
+        if choices and choices.get(group):
+            flat[f"preset.{group}"] = choices[group]
+    return flat
+
+
+def log_param_counts(module: LitGPT, seq_len: int) -> dict[str, int]:
+    parts = module.model.param_breakdown()
+    exact, seed = sum(parts.values()), seed_formula_params(module.config, seq_len)
+    log.info(
+        "parameters: %s exact (%s); %s by the seed's formula (its LayerNorms are (seq, d_model) planes)",
+        f"{exact:,}",
+        ", ".join(f"{k} {v:,}" for k, v in parts.items() if v),
+        f"{seed:,}",
+    )
+    return {"params_exact": exact, "params_seed_formula": seed}
+
+
+def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, float]:
+    """Fit the model that `cfg` describes; return the final callback metrics as floats."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # the vocabulary comes from the corpus and sizes nothing, but is saved with the model
+    module = LitGPT(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        vocab=datamodule.tokenizer.chars,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+    if cfg.data.seq_len > module.config.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={module.config.max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len)
+
+    callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks.append(HParamsWithMetric(params))
+    loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        ckpt = trainer.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            log.info("best checkpoint: %s (val loss %.4f)", ckpt.best_model_path, ckpt.best_model_score)
+        if cfg.sample.num_chars > 0:
+            s = cfg.sample
+            text = module.generate_text(s.prompt, s.num_chars, s.temperature, s.top_k, s.seed)
+            print(f"\n--- sample after {trainer.global_step} steps ---\n{text}\n---", flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    torch.set_float32_matmul_precision("high")
+    try:
+        metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
+    except ShakeGPTError as e:  # the user's to fix: one line, no traceback
+        log.error("%s", e)
+        raise SystemExit(f"error: {e}") from None
+    name = cfg.get("optimized_metric")
+    if name:
+        if name not in metrics:
+            raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
+        return metrics[name]
+    return None

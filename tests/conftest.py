@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny corpus, the real corpus, and the real Hydra config shrunk for tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_corpus.txt"
+SHARED = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+PRESETS = ("quickstart", "v1", "v2", "v3", "nanogpt")
+
+# overrides that make any preset a seconds-long CPU run on the tiny corpus
+SHRINK = [
+    f"data.path={TINY}",
+    "data.batch_size=4",
+    "data.seq_len=32",
+    "trainer.accelerator=cpu",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress",
+    "sample.num_chars=20",
+    "callbacks.text_sample.num_chars=20",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    """Tests seed and thread-count the process; give the next test the state this one found."""
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    env = dict(os.environ)
+    yield
+    torch.set_rng_state(rng)
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(env)
+
+
+@pytest.fixture
+def tiny_corpus() -> Path:
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def real_corpus() -> Path:
+    """The real tinyshakespeare: $SHAKEGPT_DATA, else ../shared beside the repo, else the cache/download."""
+    from shakegpt.data import resolve_corpus
+
+    if os.environ.get("SHAKEGPT_DATA"):
+        return Path(os.environ["SHAKEGPT_DATA"])
+    if SHARED.is_file():
+        return SHARED
+    return resolve_corpus()
+
+
+def compose_cfg(output_dir: Path, *overrides: str, shrink: bool = True) -> DictConfig:
+    """The real `conf/train.yaml` composed as `python train.py <overrides>` would, with outputs in
+    `output_dir` and (by default) shrunk to a seconds-long run on the tiny corpus."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[*(SHRINK if shrink else []), *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*overrides: str, shrink: bool = True) -> DictConfig:
+        return compose_cfg(tmp_path, *overrides, shrink=shrink)
+
+    return make

@@ -1,0 +1,39 @@
+"""Reading TensorBoard event files back, for tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+
+def load_run(run_dir: Path) -> EventAccumulator:
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    ea.Reload()
+    return ea
+
+
+def scalars(ea: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in ea.Scalars(tag)]
+
+
+def hparams(ea: EventAccumulator) -> tuple[dict, list[str]]:
+    """(hyperparameters of the session, metric tags declared for the HParams tab)."""
+    content = ea.PluginTagToContent("hparams")
+    params, metrics = {}, []
+    for raw in content.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(raw)
+        if data.HasField("experiment"):
+            metrics += [m.name.tag for m in data.experiment.metric_infos]
+        if data.HasField("session_start_info"):
+            for k, v in data.session_start_info.hparams.items():
+                params[k] = v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+    return params, metrics
+
+
+def texts(ea: EventAccumulator, tag: str) -> list[tuple[int, str]]:
+    out = []
+    for e in ea.Tensors(tag):
+        out.append((e.step, e.tensor_proto.string_val[0].decode()))
+    return out

@@ -1,0 +1,71 @@
+"""`python train.py model=v3 trainer.devices=2` as two CPU processes over gloo, then a resume."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shakegpt.module import LitGPT
+
+from .conftest import ROOT, TINY
+from .tb import load_run, scalars
+
+pytestmark = pytest.mark.slow
+
+SHRUNK_V3 = [
+    "model=v3",
+    f"data.path={TINY}",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "trainer.val_check_interval=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress",
+    "sample.num_chars=20",
+]
+
+
+def train_py(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def test_two_cpu_processes_then_resume(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "resumed"
+    r = train_py(*SHRUNK_V3, "trainer.devices=2", "trainer.max_steps=6", f"hydra.run.dir={first}")
+    assert "MEMBER: 1/2" in r.stderr and "MEMBER: 2/2" in r.stderr  # two ranks joined one group
+    assert r.stdout.count("--- sample after 6 steps ---") == 1  # rank 0 alone prints
+
+    # one run directory, one TensorBoard run, checkpoints written once
+    events = list((first / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    ckpts = sorted(p.name for p in (first / "checkpoints").iterdir())
+    assert len(ckpts) == 2 and "last.ckpt" in ckpts
+    last = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 6
+    assert last["hyper_parameters"]["model"]["d_model"] == 384
+
+    # the reduced val loss is the exact full-pass loss, as one process computes it
+    ea = load_run(first / "tensorboard")
+    logged = scalars(ea, "val/loss")[-1][1]
+    module = LitGPT.load_from_checkpoint(first / "checkpoints" / "last.ckpt").eval()
+    from shakegpt.data import CharDataModule
+
+    dm = CharDataModule(path=str(TINY), batch_size=4, seq_len=32)
+    dm.setup("fit")
+    ids, n = dm.val_ids.long(), (len(dm.val_ids) - 1) // 32
+    x = torch.stack([ids[i * 32 : i * 32 + 32] for i in range(n)])
+    y = torch.stack([ids[i * 32 + 1 : i * 32 + 33] for i in range(n)])
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(module(x).flatten(0, 1), y.flatten()).item()
+    assert logged == pytest.approx(expected, abs=1e-5)
+
+    # resume from last.ckpt: continues at step 6 and stops at the new max_steps
+    r = train_py(*SHRUNK_V3, "trainer.devices=2", "trainer.max_steps=9", f"ckpt_path={first}/checkpoints/last.ckpt",
+                 f"hydra.run.dir={second}")
+    assert "- step 9/9:" in (second / "train.log").read_text()
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
+    steps = [s for s, _ in scalars(load_run(second / "tensorboard"), "train/loss")]
+    assert min(steps) >= 6 and max(steps) == 8, steps

@@ -1,0 +1,148 @@
+"""End-to-end runs: what a run writes (TensorBoard, checkpoints, sample), the schedule, exact val loss."""
+
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shakegpt.data import CharDataModule
+from shakegpt.module import LitGPT, lr_factor
+from shakegpt.train import train
+
+from .conftest import ROOT, TINY
+from .tb import hparams, load_run, scalars, texts
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One shrunk quickstart run; several tests read what it wrote."""
+    from .conftest import compose_cfg
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3")
+    metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "learned"})
+    return out, cfg, metrics
+
+
+def test_run_returns_its_metrics(run):
+    _, cfg, metrics = run
+    assert cfg.optimized_metric == "val/loss_best"
+    assert math.isfinite(metrics["val/loss_best"]) and metrics["val/loss_best"] <= metrics["val/loss"]
+    assert metrics["val/bpc"] == pytest.approx(metrics["val/loss"] / math.log(2))
+
+
+def test_tensorboard_has_scalars_hparams_and_samples(run):
+    out, _, metrics = run
+    ea = load_run(out / "tensorboard")
+    tags = set(ea.Tags()["scalars"])
+    for tag in (
+        "train/loss",
+        "train/acc",
+        "train/bpc",
+        "val/loss",
+        "val/acc",
+        "val/bpc",
+        "val/loss_best",
+        "train/loss_avg",
+        "train/acc_avg",
+        "lr-AdamW/pg1",
+    ):
+        assert tag in tags, tag
+    assert [s for s, _ in scalars(ea, "val/loss")] == [2, 5]  # two validations (Lightning logs step - 1)
+    assert scalars(ea, "val/loss_best")[-1][1] == pytest.approx(metrics["val/loss_best"])
+    params, metric_tags = hparams(ea)
+    assert "val/loss_best" in metric_tags and "hp_metric" not in tags
+    assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
+    assert params["params_exact"] == 820_864 - (128 - 32) * 128 and params["params_seed_formula"] > 0
+    samples = texts(ea, "sample/text_summary")
+    assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
+
+
+def test_checkpoints_reload_without_hydra(run):
+    out, _, metrics = run
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-step") for n in ckpts)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)  # plain data only
+    assert ckpt["global_step"] == 6 and ckpt["best_val_loss"] == pytest.approx(metrics["val/loss_best"])
+    module = LitGPT.load_from_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert module.tokenizer.chars == "".join(sorted(set(TINY.read_text())))
+    text = module.generate_text("First", 30, seed=1)
+    assert len(text) == 30 and text == module.generate_text("First", 30, seed=1)
+    assert "\ufffd" not in module.generate_text("\n", 200, temperature=2.0)  # <unk> is never drawn
+
+
+def test_val_loss_is_the_exact_full_pass(run):
+    """The logged val loss equals a hand-computed mean over every non-overlapping window."""
+    out, cfg, _ = run
+    module = LitGPT.load_from_checkpoint(out / "checkpoints" / "last.ckpt").eval()
+    dm = CharDataModule(path=str(TINY), batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len)
+    dm.setup("fit")
+    ids, T = dm.val_ids.long(), cfg.data.seq_len
+    n = (len(ids) - 1) // T
+    x = torch.stack([ids[i * T : i * T + T] for i in range(n)])
+    y = torch.stack([ids[i * T + 1 : i * T + T + 1] for i in range(n)])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(module(x).flatten(0, 1), y.flatten()).item()
+    ea = load_run(out / "tensorboard")
+    assert scalars(ea, "val/loss")[-1][1] == pytest.approx(loss, abs=1e-5)
+
+
+def test_lr_schedule():
+    # warmup rises linearly, cosine reaches min_ratio at the end and stays there
+    f = [lr_factor(s, warmup=10, total=110, min_ratio=0.1, schedule="cosine") for s in range(130)]
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in itertools.pairwise(f[:11]))
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55)
+    assert f[110] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)
+    # a run shorter than its warmup is still well defined
+    short = [lr_factor(s, warmup=100, total=5, min_ratio=0.1, schedule="cosine") for s in range(5)]
+    assert all(0 < v <= 1 for v in short)
+    assert lr_factor(500, warmup=0, total=10, min_ratio=0.0, schedule="constant") == 1.0
+    assert lr_factor(0, warmup=0, total=0, min_ratio=0.1, schedule="cosine") == pytest.approx(1.0)
+
+
+def test_command_line_run_prints_log_line_and_sample(tmp_path):
+    """`python train.py` as a user types it (shrunk): the seed log line, a sample, the run directory."""
+    out = tmp_path / "cli"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            f"data.path={TINY}",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            "sample.num_chars=25",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "T+ 0:00:0" in log and "- step 4/4: train loss " in log and "; t_remain 0:00:00" in log
+    assert "parameters: 808,576 exact" in log  # quickstart with a 32-position table
+    assert "--- sample after 4 steps ---" in r.stdout
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_command_line_bad_value_is_one_line(tmp_path):
+    out = tmp_path / "bad"
+    r = subprocess.run(
+        [sys.executable, "train.py", f"data.path={TINY}", "model.n_head=5", f"hydra.run.dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: model.d_model=128 is not divisible by model.n_head=5; pick n_head among the divisors of 128"
+    )
+    assert "Traceback" not in r.stderr
