@@ -63,8 +63,13 @@ def test_two_cpu_processes_then_resume(tmp_path):
     assert logged == pytest.approx(expected, abs=1e-5)
 
     # resume from last.ckpt: continues at step 6 and stops at the new max_steps
-    r = train_py(*SHRUNK_V3, "trainer.devices=2", "trainer.max_steps=9", f"ckpt_path={first}/checkpoints/last.ckpt",
-                 f"hydra.run.dir={second}")
+    r = train_py(
+        *SHRUNK_V3,
+        "trainer.devices=2",
+        "trainer.max_steps=9",
+        f"ckpt_path={first}/checkpoints/last.ckpt",
+        f"hydra.run.dir={second}",
+    )
     assert "- step 9/9:" in (second / "train.log").read_text()
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
     steps = [s for s, _ in scalars(load_run(second / "tensorboard"), "train/loss")]

@@ -49,6 +49,7 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
         "train/loss_avg",
         "train/acc_avg",
         "lr-AdamW/pg1",
+        "throughput/tokens_per_s",
     ):
         assert tag in tags, tag
     assert [s for s, _ in scalars(ea, "val/loss")] == [2, 5]  # two validations (Lightning logs step - 1)
