@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from shakegpt.callbacks import HParamsWithMetric
@@ -90,6 +91,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len)
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(HParamsWithMetric(params))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -27,7 +27,6 @@ SHRINK = [
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
-    "~callbacks.progress",
     "sample.num_chars=20",
     "callbacks.text_sample.num_chars=20",
 ]

@@ -21,7 +21,6 @@ SHRUNK_V3 = [
     "trainer.val_check_interval=3",
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
-    "~callbacks.progress",
     "sample.num_chars=20",
 ]
 
