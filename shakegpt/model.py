@@ -6,6 +6,10 @@ Where dropout is applied (rate `dropout`): on the embedding sum, on the attentio
 projection before it joins the residual stream, and on the feed-forward output before it joins the
 residual stream. Attention probabilities get their own rate `attn_dropout` (0 by default: any
 non-zero rate pushes `scaled_dot_product_attention` off its fused CPU kernel).
+
+On the CPU, dropout masks come from random bytes (`ByteDropout`), about 5x cheaper than torch's
+`bernoulli_`, which otherwise takes a sixth of a training step; `fast_dropout=False` restores
+`nn.Dropout`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class GPTConfig:
     d_ff: int | None = None  # FFN hidden size; None means 4 * d_model (nanoGPT); the seed uses 2 * d_model
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    fast_dropout: bool = True  # ByteDropout on the CPU (rate rounded to 1/256); False: nn.Dropout
     bias: bool = False  # biases in every Linear and LayerNorm
     tie_weights: bool = False  # output head shares the token embedding matrix
     max_seq_len: int = 256
@@ -77,6 +82,32 @@ class GPTConfig:
         return asdict(self)
 
 
+class ByteDropout(nn.Module):
+    """Inverted dropout whose keep-mask is drawn as random bytes: one 64-bit draw serves eight
+    elements, so masks cost about a fifth of `bernoulli_` on the CPU. An element is kept when its
+    byte is >= round(256 * p), so the rate is p rounded to a multiple of 1/256 (0.1 -> 0.102,
+    0.2 -> 0.199). Other devices use `F.dropout`, which is already cheap there."""
+
+    def __init__(self, p: float, fast: bool = True):
+        super().__init__()
+        self.p, self.fast = p, fast
+        self.threshold = round(256 * p)
+        self.scale = 256 / (256 - self.threshold) if self.threshold < 256 else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if not self.fast or x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
+        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
+        return x * keep.to(x.dtype).mul_(self.scale)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, fast={self.fast}"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -84,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.attn_dropout = cfg.attn_dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor, pos: PositionEncoding, bias: torch.Tensor | None, offset: int) -> torch.Tensor:
         B, T, C = x.shape
@@ -106,7 +137,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.gelu(self.up(x))))
@@ -136,7 +167,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = build_pos_encoding(cfg.pos_encoding, cfg.max_seq_len, cfg.d_model, cfg.n_head, cfg.rope_base)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = ByteDropout(cfg.dropout, cfg.fast_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -170,18 +170,23 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # matrices (Linear weights, embeddings) decay; LayerNorm gains and biases do not
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # fused AdamW is one kernel for all tensors instead of a Python loop over them; fp16 with a
         # GradScaler keeps the unfused one so that gradient clipping sees unscaled gradients
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        fused = not scaled and all(p.device.type in ("cpu", "cuda") for p in params)
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        opt = adamw(self.model, hp.lr, hp.weight_decay, hp.betas, fused=not scaled)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with decay on matrices (Linear weights, embeddings) and none on gains and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)

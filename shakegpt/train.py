@@ -4,6 +4,7 @@ fit, and return the run's metrics. `train.py` at the top level is the command-li
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shakegpt.callbacks import HParamsWithMetric
 from shakegpt.errors import ConfigError, ShakeGPTError
+from shakegpt.hardware import auto_precision, physical_cores
 from shakegpt.model import seed_formula_params
 from shakegpt.module import LitGPT
 
@@ -88,14 +90,20 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={module.config.max_seq_len}; "
             "lower data.seq_len or raise model.max_seq_len"
         )
-    params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len)
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = auto_precision(cfg.trainer.accelerator, module.config.d_model)
+        log.info("trainer.precision=auto -> %s", precision)
+    if "OMP_NUM_THREADS" not in os.environ:  # DDP sets it to cores / processes
+        torch.set_num_threads(physical_cores())
+    params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len) | {"trainer.precision": precision}
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(HParamsWithMetric(params))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -22,6 +22,7 @@ SHRUNK_V3 = [
     "trainer.log_every_n_steps=1",
     "trainer.enable_progress_bar=false",
     "sample.num_chars=20",
+    "trainer.precision=32-true",  # so the reduced val loss can be checked against fp32 to 1e-5
 ]
 
 

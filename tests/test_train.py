@@ -22,7 +22,8 @@ def run(tmp_path_factory):
     from .conftest import compose_cfg
 
     out = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3")
+    # fp32, so that the val loss can be compared with a hand computation to 1e-5
+    cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.precision=32-true")
     metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "learned"})
     return out, cfg, metrics
 

@@ -1,0 +1,278 @@
+"""`python -m shakegpt.bench`: how fast training steps are on this machine, and why.
+
+For each preset it times three ways of running the same model shape on the same batches:
+
+* naive   the usual PyTorch loop: fp32, eager, dropout inside attention (SDPA's math path) and on the
+          residuals with `nn.Dropout`, default (per-tensor) AdamW, gradient clipping;
+* fast    shakegpt's own path through the real Lightning `Trainer`, as `train.py` runs it
+          (precision=auto, fused AdamW, byte-mask dropout, flash attention, logging to TensorBoard);
+* bare    the fast model and optimizer in a plain PyTorch loop, to show what Lightning costs.
+
+The three are interleaved, one step each in turn inside one Lightning run, so a noisy machine
+affects them alike; ratios come from the medians of one run. MFU divides model FLOPs
+(6·N + 12·L·d_model·T per token, N = non-embedding parameters) by the measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from shakegpt.data import CharDataModule, RandomWindows
+from shakegpt.hardware import auto_precision, cpu_has_fast_bf16, physical_cores
+from shakegpt.model import GPT, GPTConfig
+from shakegpt.module import LitGPT, adamw, lr_factor
+from shakegpt.train import CONF_DIR
+
+PRESETS = ("v1", "v2", "v3", "nanogpt")
+
+
+def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 3) -> float:
+    """Best measured FLOP/s of a square matmul in `dtype` (the MFU denominator)."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up: oneDNN picks its kernel on the first call
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def flops_per_step(cfg: GPTConfig, batch_size: int, seq_len: int) -> float:
+    n = GPT(cfg).num_params(non_embedding=True)
+    return (6 * n + 12 * cfg.n_layer * cfg.d_model * seq_len) * batch_size * seq_len
+
+
+class Loop:
+    """One optimizer step at a time of a model in a plain PyTorch loop; records each step's time."""
+
+    def __init__(
+        self,
+        model: GPT,
+        opt: torch.optim.Optimizer,
+        windows: RandomWindows,
+        autocast: bool,
+        clip: float | None,
+        sched=None,
+    ):
+        self.model, self.opt, self.windows, self.autocast, self.clip, self.sched = (
+            model,
+            opt,
+            windows,
+            autocast,
+            clip,
+            sched,
+        )
+        self.n, self.times = 0, []
+
+    def step(self) -> None:
+        t = time.perf_counter()
+        x, y = self.windows.batch(self.n)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.n += 1
+        self.times.append(time.perf_counter() - t)
+
+
+class Interleave(L.Callback):
+    """Times each Lightning step end to end (data, forward, backward, optimizer, logging) and runs one
+    step of every other loop between Lightning steps."""
+
+    def __init__(self, loops: list[Loop]):
+        self.loops, self.times, self.last = loops, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.times.append(now - self.last)
+        for loop in self.loops:
+            loop.step()
+        self.last = time.perf_counter()
+
+
+def bench_preset(name: str, corpus: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", *overrides])
+    mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    B, T, seed = cfg.data.batch_size, cfg.data.seq_len, cfg.seed
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = auto_precision("cpu", mcfg.d_model)
+    dm = CharDataModule(path=str(corpus), batch_size=B, seq_len=T, seed=seed)
+    dm.setup("fit")
+    torch.manual_seed(seed)
+
+    # (a) naive: the same shape written the usual way
+    naive_model = GPT(replace(mcfg, attn_dropout=mcfg.dropout, fast_dropout=False))
+    naive = Loop(
+        naive_model,
+        torch.optim.AdamW(naive_model.parameters(), lr=cfg.optim.lr),
+        RandomWindows(dm.train_ids, B, T, seed),
+        autocast=False,
+        clip=cfg.trainer.gradient_clip_val,
+    )
+    # (c) bare: shakegpt's model and optimizer, no Lightning
+    bare_model = GPT(mcfg)
+    opt = adamw(bare_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    o = cfg.optim
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, o.warmup_steps, cfg.trainer.max_steps, o.min_lr_ratio, o.schedule)
+    )
+    bare = Loop(
+        bare_model,
+        opt,
+        RandomWindows(dm.train_ids, B, T, seed),
+        autocast=precision == "bf16-mixed",
+        clip=cfg.trainer.gradient_clip_val,
+        sched=sched,
+    )
+    # (b) fast: the real Trainer, interleaving the other two between its steps
+    module = LitGPT(model=mcfg.to_dict(), vocab=dm.tokenizer.chars, **OmegaConf.to_container(cfg.optim, resolve=True))
+    timer = Interleave([naive, bare])
+    with tempfile.TemporaryDirectory() as tmp:
+        logger = L.pytorch.loggers.TensorBoardLogger(tmp, name="bench", default_hp_metric=False)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision=precision,
+            max_steps=warmup + steps + 1,
+            limit_val_batches=0,
+            logger=logger,
+            callbacks=[timer],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            gradient_clip_val=cfg.trainer.gradient_clip_val,
+            log_every_n_steps=10,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(module, datamodule=dm)
+        # the full validation pass, as training runs it at every val_check_interval
+        validator = L.Trainer(
+            accelerator="cpu",
+            devices=1,
+            precision=precision,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
+        t = time.perf_counter()
+        validator.validate(module, datamodule=dm, verbose=False)
+        val_seconds = time.perf_counter() - t
+
+    def med(times: list[float]) -> float:
+        return statistics.median(times[warmup:])
+
+    flops = flops_per_step(mcfg, B, T)
+    steps_s = {"naive": med(naive.times), "fast": med(timer.times), "bare": med(bare.times)}
+    return {
+        "preset": name,
+        "batch_size": B,
+        "seq_len": T,
+        "precision_fast": precision,
+        "params_non_embedding": GPT(mcfg).num_params(non_embedding=True),
+        "flops_per_step": flops,
+        "step_s": steps_s,
+        "raw_step_s": {"naive": naive.times, "fast": timer.times, "bare": bare.times},
+        "tokens_per_s": {k: B * T / v for k, v in steps_s.items()},
+        "speedup_fast_vs_naive": steps_s["naive"] / steps_s["fast"],
+        "lightning_overhead": steps_s["fast"] / steps_s["bare"] - 1,
+        "val_pass_s": val_seconds,
+        "val_windows": (len(dm.val_ids) - 1) // T,
+    }
+
+
+def table(results: list[dict], peak_bf16: float) -> str:
+    head = (
+        f"{'preset':<8} {'naive s/step':>12} {'fast s/step':>11} {'bare s/step':>11} {'fast/naive':>10} "
+        f"{'Lightning':>9} {'fast tok/s':>10} {'MFU fast':>8} {'MFU naive':>9} {'val pass':>8}"
+    )
+    rows = [head, "-" * len(head)]
+    for r in results:
+        s = r["step_s"]
+        rows.append(
+            f"{r['preset']:<8} {s['naive']:>12.3f} {s['fast']:>11.3f} {s['bare']:>11.3f} "
+            f"{r['speedup_fast_vs_naive']:>9.1f}x {100 * r['lightning_overhead']:>+8.1f}% "
+            f"{r['tokens_per_s']['fast']:>10,.0f} {100 * r['flops_per_step'] / s['fast'] / peak_bf16:>7.1f}% "
+            f"{100 * r['flops_per_step'] / s['naive'] / peak_bf16:>8.1f}% {r['val_pass_s']:>7.1f}s"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m shakegpt.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated model presets (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default: %(default)s)")
+    p.add_argument("--out", default="bench.json", help="JSON results file (default: %(default)s)")
+    p.add_argument("--data", default=None, help="corpus path (default: data.path, $SHAKEGPT_DATA, cache, download)")
+    p.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for the shape, e.g. data.batch_size=32 data.seq_len=128"
+    )
+    args = p.parse_args(argv)
+    presets = [s for s in args.presets.split(",") if s]
+    for name in presets:
+        if not (Path(CONF_DIR) / "model" / f"{name}.yaml").is_file():
+            p.error(f"--presets: unknown preset {name!r}; choose among {', '.join(PRESETS)}, quickstart")
+    if args.steps < 1 or args.warmup < 0:
+        p.error(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+
+    from shakegpt.data import resolve_corpus
+
+    corpus = resolve_corpus(args.data)
+    torch.set_num_threads(physical_cores())
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}", flush=True
+    )
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    results = []
+    for name in presets:
+        t = time.perf_counter()
+        results.append(bench_preset(name, corpus, args.steps, args.warmup, args.overrides))
+        print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
+    print()
+    print(table(results, peak["bf16"]))
+    out = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "native_bf16": cpu_has_fast_bf16(),
+        "peak_flops": peak,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "overrides": args.overrides,
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"\nwritten: {args.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
