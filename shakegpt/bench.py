@@ -8,8 +8,9 @@ For each preset it times three ways of running the same model shape on the same 
           (precision=auto, fused AdamW, byte-mask dropout, flash attention, logging to TensorBoard);
 * bare    the fast model and optimizer in a plain PyTorch loop, to show what Lightning costs.
 
-The three are interleaved, one step each in turn inside one Lightning run, so a noisy machine
-affects them alike; ratios come from the medians of one run. MFU divides model FLOPs
+The three are interleaved inside one Lightning run (a bare step after every Lightning step, a naive
+step after every `--per-naive` of them), so a noisy machine affects them alike; ratios come from
+the medians of one run. MFU divides model FLOPs
 (6·N + 12·L·d_model·T per token, N = non-embedding parameters) by the measured bf16 matmul peak.
 """
 
@@ -97,22 +98,31 @@ class Loop:
 
 
 class Interleave(L.Callback):
-    """Times each Lightning step end to end (data, forward, backward, optimizer, logging) and runs one
-    step of every other loop between Lightning steps."""
+    """Times each Lightning step end to end (data, forward, backward, optimizer, logging) and, between
+    Lightning steps, runs one step of the bare loop and, every `per_naive`-th time, one of the naive
+    loop (before or after the bare step in turn, so neither always runs on the naive step's heels)."""
 
-    def __init__(self, loops: list[Loop]):
-        self.loops, self.times, self.last = loops, [], None
+    def __init__(self, naive: Loop, bare: Loop, per_naive: int, bare_steps: int):
+        self.naive, self.bare, self.per_naive, self.bare_steps = naive, bare, per_naive, bare_steps
+        self.times, self.last, self.n = [], None, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
-        for loop in self.loops:
+        if self.n >= self.bare_steps:  # the last Lightning step has been timed: nothing more to run
+            loops = []
+        elif self.n % self.per_naive == 0:
+            loops = [self.naive, self.bare] if (self.n // self.per_naive) % 2 else [self.bare, self.naive]
+        else:
+            loops = [self.bare]
+        for loop in loops:
             loop.step()
+        self.n += 1
         self.last = time.perf_counter()
 
 
-def bench_preset(name: str, corpus: Path, steps: int, warmup: int, overrides: list[str]) -> dict:
+def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: int, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={name}", *overrides])
     mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
@@ -150,14 +160,14 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, overrides: li
     )
     # (b) fast: the real Trainer, interleaving the other two between its steps
     module = LitGPT(model=mcfg.to_dict(), vocab=dm.tokenizer.chars, **OmegaConf.to_container(cfg.optim, resolve=True))
-    timer = Interleave([naive, bare])
+    timer = Interleave(naive, bare, per_naive, (warmup + steps) * per_naive)
     with tempfile.TemporaryDirectory() as tmp:
         logger = L.pytorch.loggers.TensorBoardLogger(tmp, name="bench", default_hp_metric=False)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=1,
             precision=precision,
-            max_steps=warmup + steps + 1,
+            max_steps=(warmup + steps) * per_naive + 1,
             limit_val_batches=0,
             logger=logger,
             callbacks=[timer],
@@ -183,11 +193,12 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, overrides: li
         validator.validate(module, datamodule=dm, verbose=False)
         val_seconds = time.perf_counter() - t
 
-    def med(times: list[float]) -> float:
-        return statistics.median(times[warmup:])
-
     flops = flops_per_step(mcfg, B, T)
-    steps_s = {"naive": med(naive.times), "fast": med(timer.times), "bare": med(bare.times)}
+    steps_s = {
+        "naive": statistics.median(naive.times[warmup:]),
+        "fast": statistics.median(timer.times[warmup * per_naive :]),
+        "bare": statistics.median(bare.times[warmup * per_naive :]),
+    }
     return {
         "preset": name,
         "batch_size": B,
@@ -225,8 +236,14 @@ def table(results: list[dict], peak_bf16: float) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m shakegpt.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated model presets (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per variant (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=3, help="timed naive steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed naive steps first (default: %(default)s)")
+    p.add_argument(
+        "--per-naive",
+        type=int,
+        default=2,
+        help="fast and bare steps per naive step, timed and warm-up alike (default: %(default)s)",
+    )
     p.add_argument("--out", default="bench.json", help="JSON results file (default: %(default)s)")
     p.add_argument("--data", default=None, help="corpus path (default: data.path, $SHAKEGPT_DATA, cache, download)")
     p.add_argument(
@@ -237,8 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in presets:
         if not (Path(CONF_DIR) / "model" / f"{name}.yaml").is_file():
             p.error(f"--presets: unknown preset {name!r}; choose among {', '.join(PRESETS)}, quickstart")
-    if args.steps < 1 or args.warmup < 0:
-        p.error(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.per_naive < 1:
+        p.error(f"--steps={args.steps} and --per-naive={args.per_naive} must be >= 1, --warmup={args.warmup} >= 0")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
@@ -255,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for name in presets:
         t = time.perf_counter()
-        results.append(bench_preset(name, corpus, args.steps, args.warmup, args.overrides))
+        results.append(bench_preset(name, corpus, args.steps, args.warmup, args.per_naive, args.overrides))
         print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
     print()
     print(table(results, peak["bf16"]))

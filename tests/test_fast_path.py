@@ -1,0 +1,104 @@
+"""The CPU fast path: precision choice, byte-mask dropout, the same results as fp32, the benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from shakegpt import bench, hardware
+from shakegpt.model import ByteDropout
+from shakegpt.train import train
+
+from .conftest import TINY
+
+
+@pytest.mark.parametrize(
+    ("flags", "accelerator", "d_model", "expected"),
+    [
+        ({"avx512_bf16"}, "auto", 384, "bf16-mixed"),
+        ({"amx_bf16", "amx_tile"}, "cpu", 128, "bf16-mixed"),
+        ({"avx512_bf16"}, "cpu", 32, "32-true"),  # too narrow: bf16 casts cost more than they save
+        ({"avx2"}, "cpu", 384, "32-true"),  # no native bf16: emulated bf16 is slower than fp32
+    ],
+)
+def test_auto_precision_on_cpu(monkeypatch, flags, accelerator, d_model, expected):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hardware.auto_precision(accelerator, d_model) == expected
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_byte_dropout_rate_scale_and_gradient(p):
+    torch.manual_seed(0)
+    drop = ByteDropout(p)
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(round(256 * p) / 256, abs=0.003)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted dropout keeps the expectation
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0) and torch.allclose(x.grad[y != 0], y[y != 0])
+    assert drop.eval()(x) is x
+    torch.manual_seed(1)
+    a = ByteDropout(p).train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, ByteDropout(p).train()(x))  # reproducible from the seed
+    assert ByteDropout(p).train()(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_bench_runs_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(
+        [
+            "--presets",
+            "v1",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--per-naive",
+            "2",
+            "--out",
+            str(out),
+            "--data",
+            str(TINY),
+            "data.batch_size=2",
+            "data.seq_len=16",
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["preset"] == "v1" == result["results"][0]["preset"]
+    r = saved["results"][0]
+    assert set(r["step_s"]) == {"naive", "fast", "bare"} and all(v > 0 for v in r["step_s"].values())
+    assert [len(v) for v in r["raw_step_s"].values()] == [2, 4, 4]  # naive, fast, bare
+    assert r["speedup_fast_vs_naive"] == pytest.approx(r["step_s"]["naive"] / r["step_s"]["fast"])
+    assert saved["peak_flops"]["bf16"] > 0 and r["val_pass_s"] > 0
+    assert "fast/naive" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_preset(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--presets", "v9"])
+    assert "unknown preset 'v9'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fast_path_ends_within_0_03_of_fp32(make_cfg, real_corpus):
+    """Same seed, 300 steps of a dropout-0.1 quickstart model on the real corpus: the fast path
+    (auto precision = bf16 here, byte-mask dropout) against plain fp32 with nn.Dropout."""
+    common = [
+        f"data.path={real_corpus}",
+        "data.batch_size=12",
+        "data.seq_len=64",
+        "model.dropout=0.1",
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=300",
+        "~callbacks.checkpoint",
+        "trainer.enable_checkpointing=false",
+        "optim.lr=3e-3",
+    ]
+    fast = train(make_cfg(*common, "trainer.precision=auto"))
+    slow = train(make_cfg(*common, "trainer.precision=32-true", "+model.fast_dropout=false"))
+    print(f"val loss after 300 steps: fast path {fast['val/loss']:.4f}, fp32 {slow['val/loss']:.4f}")
+    assert slow["val/loss"] < 2.6  # both actually learned
+    assert abs(fast["val/loss"] - slow["val/loss"]) < 0.03, (fast["val/loss"], slow["val/loss"])
