@@ -33,6 +33,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from shakegpt.data import CharDataModule, RandomWindows
+from shakegpt.generate import stream
 from shakegpt.hardware import auto_precision, cpu_has_fast_bf16, physical_cores
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.module import LitGPT, adamw, lr_factor
@@ -216,6 +217,32 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
     }
 
 
+def bench_generation(preset: str, num_chars: int) -> dict:
+    """Seconds to sample `num_chars` characters at the preset's shape with and without the KV cache
+    (cached, full recompute, cached again: the better cached time is kept)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={preset}"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    seconds = {"cached": [], "full": []}
+    for kind in ("cached", "full", "cached"):
+        g = torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        for _ in stream(model, prompt, num_chars, generator=g, use_cache=kind == "cached"):
+            pass
+        seconds[kind].append(time.perf_counter() - t)
+    cached, full = min(seconds["cached"]), seconds["full"][0]
+    return {
+        "preset": preset,
+        "num_chars": num_chars,
+        "cached_s": cached,
+        "full_s": full,
+        "speedup": full / cached,
+        "cached_chars_per_s": num_chars / cached,
+    }
+
+
 def table(results: list[dict], peak_bf16: float) -> str:
     head = (
         f"{'preset':<8} {'naive s/step':>12} {'fast s/step':>11} {'bare s/step':>11} {'fast/naive':>10} "
@@ -247,6 +274,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="bench.json", help="JSON results file (default: %(default)s)")
     p.add_argument("--data", default=None, help="corpus path (default: data.path, $SHAKEGPT_DATA, cache, download)")
     p.add_argument(
+        "--gen-chars",
+        type=int,
+        default=1000,
+        help="characters to generate at the v3 shape, with and without KV cache; 0 skips (default: %(default)s)",
+    )
+    p.add_argument(
         "overrides", nargs="*", help="Hydra overrides for the shape, e.g. data.batch_size=32 data.seq_len=128"
     )
     args = p.parse_args(argv)
@@ -274,8 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         results.append(bench_preset(name, corpus, args.steps, args.warmup, args.per_naive, args.overrides))
         print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
+    generation = bench_generation("v3", args.gen_chars) if args.gen_chars > 0 else None
     print()
     print(table(results, peak["bf16"]))
+    if generation:
+        g = generation
+        print(
+            f"\ngeneration, v3 shape, {g['num_chars']} characters: KV cache {g['cached_s']:.2f} s "
+            f"({g['cached_chars_per_s']:.0f} chars/s), full recompute {g['full_s']:.2f} s: {g['speedup']:.1f}x"
+        )
     out = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -283,8 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_flops": peak,
         "steps": args.steps,
         "warmup": args.warmup,
+        "per_naive": args.per_naive,
         "overrides": args.overrides,
         "results": results,
+        "generation": generation,
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nwritten: {args.out}")

@@ -152,7 +152,9 @@ class CharDataModule(L.LightningDataModule):
         url: str = TINYSHAKESPEARE_URL,
         sha256: str = TINYSHAKESPEARE_SHA256,
         num_workers: int = 0,
+        vocab: str | None = None,
     ):
+        """`vocab`: encode with this vocabulary (a checkpoint's) instead of the corpus's own."""
         super().__init__()
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -161,7 +163,7 @@ class CharDataModule(L.LightningDataModule):
             raise ConfigError(f"data.val_fraction={val_fraction!r} is invalid; it must be in (0, 1)")
         self.path, self.cache_dir, self.url, self.sha256 = path, cache_dir, url, sha256
         self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.vocab = seed, num_workers, vocab
         self.corpus_path: Path | None = None
         self.tokenizer: CharTokenizer | None = None
         self.train_ids = self.val_ids = None
@@ -175,7 +177,7 @@ class CharDataModule(L.LightningDataModule):
         if self.corpus_path is None:
             self.prepare_data()
         text = read_corpus(self.corpus_path)
-        self.tokenizer = CharTokenizer.from_text(text)
+        self.tokenizer = CharTokenizer(self.vocab) if self.vocab is not None else CharTokenizer.from_text(text)
         ids = self.tokenizer.encode(text)
         # one byte per character while the vocabulary fits, widened per batch
         ids = ids.to(torch.uint8 if self.tokenizer.vocab_size <= 256 else torch.int16)

@@ -12,3 +12,7 @@ class ConfigError(ShakeGPTError, ValueError):
 
 class DataError(ShakeGPTError, RuntimeError):
     """The corpus cannot be found, fetched or read."""
+
+
+class CheckpointError(ShakeGPTError, RuntimeError):
+    """A checkpoint or exported bundle is missing, unreadable, or does not fit its model."""

@@ -117,19 +117,53 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
-    def forward(self, x: torch.Tensor, pos: PositionEncoding, bias: torch.Tensor | None, offset: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: PositionEncoding,
+        bias: torch.Tensor | None,
+        offset: int,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, hd)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         q, k = pos.rotate(q, k, offset)
+        if cache is not None:  # prepend the keys and values of the tokens before this chunk
+            k, v = cache.extend(layer, k, v)
         p = self.attn_dropout if self.training else 0.0
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:  # the bias carries the causal mask itself
+        if bias is not None:  # the bias carries the causal mask itself
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
+        elif k.size(2) == T:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif T == 1:  # one new token sees every cached one
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:  # a chunk after a cached prefix: query i sees keys up to offset + i
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+class KVCache:
+    """The keys and values of every layer for the tokens processed so far, (B, H, T, hd) each, so
+    that generation runs the model on one new token per step instead of the whole context."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    def __len__(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].size(2)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[layer]
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
 
 
 class FeedForward(nn.Module):
@@ -154,8 +188,16 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, pos: PositionEncoding, bias: torch.Tensor | None, offset: int) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), pos, bias, offset)
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: PositionEncoding,
+        bias: torch.Tensor | None,
+        offset: int,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), pos, bias, offset, cache, layer)
         return x + self.ffn(self.ln2(x))
 
 
@@ -186,8 +228,9 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, offset: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids at positions offset..offset+T-1 -> logits (B, T, vocab_size). With a
+        `cache` holding the first `offset` tokens, attention also sees those, and the cache grows."""
         T = idx.size(1)
         if offset + T > self.cfg.max_seq_len:
             raise ConfigError(
@@ -195,39 +238,10 @@ class GPT(nn.Module):
                 "shorten the input or raise model.max_seq_len"
             )
         x = self.drop(self.pos.embed(self.tok_emb(idx), offset))  # (B, T, C)
-        bias = self.pos.attn_bias(T, offset, x.dtype, x.device)  # (H, T, T) or None
-        for block in self.blocks:
-            x = block(x, self.pos, bias, offset)
+        bias = self.pos.attn_bias(T, offset, x.dtype, x.device)  # (H, T, offset + T) or None
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.pos, bias, offset, cache, i)
         return self.head(self.ln_f(x))  # (B, T, vocab)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        num_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        num_allowed: int | None = None,
-    ) -> torch.Tensor:
-        """Sample `num_tokens` tokens after the prompt `idx` (B, T); the context slides once it
-        reaches max_seq_len. Only ids below `num_allowed` are drawn (a tokenizer's `<unk>` and unused
-        rows never are). Returns (B, T + num_tokens)."""
-        if temperature <= 0:
-            raise ConfigError(f"temperature={temperature!r} is invalid; it must be > 0")
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"top_k={top_k!r} is invalid; it must be >= 1 (or None for no limit)")
-        was_training = self.training
-        self.eval()
-        for _ in range(num_tokens):
-            logits = self(idx[:, -self.cfg.max_seq_len :])[:, -1, :num_allowed].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
-        self.train(was_training)
-        return idx
 
     def param_breakdown(self) -> dict[str, int]:
         """Exact trainable parameter count per component; the values sum to the model's total

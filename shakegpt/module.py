@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from shakegpt.errors import ConfigError
+from shakegpt.generate import stream_text
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.tokenizer import CharTokenizer
 
@@ -151,7 +152,6 @@ class LitGPT(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
 
-    @torch.no_grad()
     def generate_text(
         self,
         prompt: str = "\n",
@@ -159,14 +159,10 @@ class LitGPT(L.LightningModule):
         temperature: float = 0.8,
         top_k: int | None = None,
         seed: int = 0,
+        top_p: float | None = None,
     ) -> str:
         """Sample `num_chars` characters after `prompt`; the same seed gives the same text."""
-        if not prompt:
-            raise ConfigError("prompt is empty; give at least one character, e.g. a newline")
-        idx = self.tokenizer.encode(prompt)[None].to(self.device)
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.model.generate(idx, num_chars, temperature, top_k, g, num_allowed=self.tokenizer.unk_id)
-        return self.tokenizer.decode(out[0, idx.size(1) :])
+        return "".join(stream_text(self.model, self.tokenizer, prompt, num_chars, temperature, top_k, top_p, seed))
 
     def configure_optimizers(self):
         hp = self.hparams

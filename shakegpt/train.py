@@ -104,7 +104,8 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     callbacks.append(HParamsWithMetric(params))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: resuming reads tensors and plain data, never code from the file
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

@@ -77,3 +77,16 @@ def make_cfg(tmp_path):
         return compose_cfg(tmp_path, *overrides, shrink=shrink)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One shrunk quickstart run (6 steps, validations at 3 and 6) that several tests read:
+    (run directory, its config, the metrics train() returned)."""
+    from shakegpt.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    # fp32, so that the val loss can be compared with a hand computation to 1e-5
+    cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.precision=32-true")
+    metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "learned"})
+    return out, cfg, metrics

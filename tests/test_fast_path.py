@@ -62,6 +62,8 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
             str(out),
             "--data",
             str(TINY),
+            "--gen-chars",
+            "20",
             "data.batch_size=2",
             "data.seq_len=16",
         ]
@@ -73,7 +75,10 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert [len(v) for v in r["raw_step_s"].values()] == [2, 4, 4]  # naive, fast, bare
     assert r["speedup_fast_vs_naive"] == pytest.approx(r["step_s"]["naive"] / r["step_s"]["fast"])
     assert saved["peak_flops"]["bf16"] > 0 and r["val_pass_s"] > 0
-    assert "fast/naive" in capsys.readouterr().out
+    g = saved["generation"]
+    assert g["num_chars"] == 20 and g["speedup"] == pytest.approx(g["full_s"] / g["cached_s"])
+    printed = capsys.readouterr().out
+    assert "fast/naive" in printed and "KV cache" in printed
 
 
 def test_bench_rejects_unknown_preset(capsys):

@@ -10,22 +10,14 @@ import torch
 
 from shakegpt.data import CharDataModule
 from shakegpt.module import LitGPT, lr_factor
-from shakegpt.train import train
 
 from .conftest import ROOT, TINY
 from .tb import hparams, load_run, scalars, texts
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One shrunk quickstart run; several tests read what it wrote."""
-    from .conftest import compose_cfg
-
-    out = tmp_path_factory.mktemp("run")
-    # fp32, so that the val loss can be compared with a hand computation to 1e-5
-    cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.precision=32-true")
-    metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "learned"})
-    return out, cfg, metrics
+@pytest.fixture
+def run(trained_run):
+    return trained_run
 
 
 def test_run_returns_its_metrics(run):

@@ -1,0 +1,108 @@
+"""Finding, loading and exporting trained models without running code from the file.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain data only, so a
+malicious file cannot execute anything. An exported bundle is a directory of plain files —
+`model.safetensors` (weights), `config.json` (GPTConfig), `tokenizer.json` (vocabulary) — that
+loads with neither Lightning nor Hydra:
+
+    from shakegpt.checkpoint import load_bundle
+    model, tokenizer = load_bundle("bundle/")
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from shakegpt.errors import CheckpointError, ConfigError
+from shakegpt.model import GPT, GPTConfig
+from shakegpt.tokenizer import CharTokenizer
+
+BEST_VAL = re.compile(r"-val(\d+\.\d+)\.ckpt$")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file as given, or for a run directory (or its checkpoints/) the best checkpoint
+    by the val loss in its name, else last.ckpt."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        best = [(float(m.group(1)), c) for c in folder.glob("best-*.ckpt") if (m := BEST_VAL.search(c.name))]
+        if best:
+            return min(best)[1]
+        if (folder / "last.ckpt").is_file():
+            return folder / "last.ckpt"
+        raise CheckpointError(f"ckpt_path={path} is a directory without best-*.ckpt or last.ckpt in {folder}")
+    if not p.is_file():
+        raise CheckpointError(f"ckpt_path={path} does not exist; give a .ckpt file or a run directory")
+    return p
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, read as tensors and plain data only."""
+    p = resolve_checkpoint(path)
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a checkpoint at all, or objects that would need code to load
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"ckpt_path={p} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "model" not in hp or "vocab" not in hp or "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt_path={p} is not a shakegpt checkpoint (no model config, vocabulary or weights)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[GPT, CharTokenizer, dict[str, Any]]:
+    """(model in eval mode, tokenizer, checkpoint dict) from a checkpoint file or run directory."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    try:
+        model = GPT(GPTConfig.from_dict(dict(hp["model"])))
+    except ConfigError as e:
+        raise CheckpointError(f"ckpt_path={path}: its model config is invalid: {e}") from None
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    _load_weights(model, lambda: model.load_state_dict(state), path)
+    return model.eval(), CharTokenizer(hp["vocab"]), ckpt
+
+
+def _load_weights(model: GPT, load, origin: str | Path) -> None:
+    try:
+        load()
+    except (RuntimeError, KeyError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"{origin}: the weights do not fit the model config "
+            f"(d_model={model.cfg.d_model}, n_layer={model.cfg.n_layer}, vocab_size={model.cfg.vocab_size}): {detail}"
+        ) from None
+
+
+def export_bundle(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write `model.safetensors`, `config.json` and `tokenizer.json` for the checkpoint into `out_dir`."""
+    model, tokenizer, _ = model_from_checkpoint(ckpt_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"))  # handles the tied head/embedding matrix
+    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    tokenizer.save(out / "tokenizer.json")
+    return out
+
+
+def load_bundle(path: str | Path) -> tuple[GPT, CharTokenizer]:
+    """(model in eval mode, tokenizer) from a directory written by `export_bundle`."""
+    p = Path(path).expanduser()
+    missing = [n for n in ("model.safetensors", "config.json", "tokenizer.json") if not (p / n).is_file()]
+    if missing:
+        raise CheckpointError(f"bundle {p} lacks {', '.join(missing)}; export one with python -m shakegpt.export")
+    try:
+        cfg = GPTConfig.from_dict(json.loads((p / "config.json").read_text()))
+        tokenizer = CharTokenizer.load(p / "tokenizer.json")
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"bundle {p}: unreadable config.json or tokenizer.json: {e}") from None
+    model = GPT(cfg)
+    _load_weights(model, lambda: load_model(model, str(p / "model.safetensors")), p)
+    return model.eval(), tokenizer

@@ -1,0 +1,91 @@
+"""`python -m shakegpt.evaluate ckpt_path=…` (or `shakegpt-eval`): val loss, bits per character and
+accuracy of one or several checkpoints over the full validation split, as a table and JSON.
+
+It runs the same deterministic pass as training's validation (every non-overlapping window, the
+same precision rule), so a checkpoint's numbers here equal the val/* metrics logged when it was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from shakegpt.checkpoint import read_checkpoint, resolve_checkpoint
+from shakegpt.data import CharDataModule
+from shakegpt.errors import ShakeGPTError
+from shakegpt.hardware import auto_precision
+from shakegpt.module import LitGPT
+from shakegpt.train import CONF_DIR
+
+
+def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -> dict:
+    ckpt_file = resolve_checkpoint(path)
+    ckpt = read_checkpoint(ckpt_file)  # weights_only: checks the file before Lightning touches it
+    module = LitGPT.load_from_checkpoint(ckpt_file, map_location="cpu", weights_only=True)
+    data = dict(data)
+    data["seq_len"] = data.get("seq_len") or module.config.max_seq_len
+    dm = CharDataModule(**data, vocab=module.tokenizer.chars)
+    if precision == "auto":
+        precision = auto_precision("cpu", module.config.d_model)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    t = time.perf_counter()
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    return {
+        "ckpt": str(ckpt_file),
+        "step": ckpt.get("global_step"),
+        "val_loss": metrics["val/loss"],
+        "val_bpc": metrics["val/bpc"],
+        "val_acc": metrics["val/acc"],
+        "precision": precision,
+        "seq_len": data["seq_len"],
+        "val_windows": (len(dm.val_ids) - 1) // data["seq_len"],
+        "seconds": time.perf_counter() - t,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    out = [f"{'checkpoint':<60} {'step':>7} {'val loss':>9} {'bpc':>7} {'acc':>7}"]
+    for r in rows:
+        name = r["ckpt"] if len(r["ckpt"]) <= 60 else "…" + r["ckpt"][-59:]
+        out.append(f"{name:<60} {r['step']:>7} {r['val_loss']:>9.4f} {r['val_bpc']:>7.4f} {r['val_acc']:>7.4f}")
+    return "\n".join(out)
+
+
+def evaluate(cfg: DictConfig) -> list[dict]:
+    paths = list(cfg.ckpt_path) if isinstance(cfg.ckpt_path, (list, ListConfig)) else [cfg.ckpt_path]
+    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"}
+    L.seed_everything(cfg.seed, verbose=False)
+    rows = [evaluate_checkpoint(p, data, cfg.precision) for p in paths]
+    print(table(rows))
+    if cfg.out:
+        Path(cfg.out).write_text(json.dumps(rows, indent=2))
+        print(f"written: {cfg.out}")
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        evaluate(cfg)
+    except ShakeGPTError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

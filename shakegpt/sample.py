@@ -1,0 +1,73 @@
+"""`python -m shakegpt.sample ckpt_path=…` (or `shakegpt-sample`): stream text from a trained model.
+
+Keys (conf/sample.yaml): ckpt_path, prompt / prompt_file, num_chars, num_samples, temperature, top_k,
+top_p, seed, device. Same seed and checkpoint give the same text.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from shakegpt.checkpoint import load_bundle, model_from_checkpoint
+from shakegpt.errors import ConfigError, ShakeGPTError
+from shakegpt.generate import check_sampling, stream_text
+from shakegpt.model import GPT
+from shakegpt.tokenizer import CharTokenizer
+from shakegpt.train import CONF_DIR
+
+
+def load_any(path: str) -> tuple[GPT, CharTokenizer]:
+    """An exported bundle directory, or a checkpoint file / run directory."""
+    p = Path(path).expanduser()
+    if (p / "model.safetensors").is_file():
+        return load_bundle(p)
+    model, tokenizer, _ = model_from_checkpoint(p)
+    return model, tokenizer
+
+
+def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
+    """Write `num_samples` samples to `out` as they are generated; return them."""
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.num_chars < 0 or cfg.num_samples < 1:
+        raise ConfigError(f"num_chars={cfg.num_chars} must be >= 0 and num_samples={cfg.num_samples} >= 1")
+    prompt = cfg.prompt
+    if cfg.prompt_file:
+        try:
+            prompt = Path(cfg.prompt_file).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"prompt_file={cfg.prompt_file} cannot be read as UTF-8 text: {e}") from None
+    model, tokenizer = load_any(cfg.ckpt_path)
+    model.to(cfg.device)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    texts = []
+    for i in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            out.write(f"\n--- sample {i + 1} ---\n")
+        out.write(prompt)
+        chars = []
+        for ch in stream_text(
+            model, tokenizer, prompt, cfg.num_chars, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator
+        ):
+            chars.append(ch)
+            out.write(ch)
+            out.flush()
+        out.write("\n")
+        texts.append("".join(chars))
+    return texts
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        sample(cfg)
+    except ShakeGPTError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Loading checkpoints safely, sampling and evaluating from them, exported bundles."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shakegpt.checkpoint import export_bundle, load_bundle, model_from_checkpoint, read_checkpoint, resolve_checkpoint
+from shakegpt.errors import CheckpointError
+from shakegpt.evaluate import evaluate_checkpoint
+
+from .conftest import ROOT, TINY
+from .tb import load_run, scalars
+
+
+def test_run_directory_resolves_to_its_best_checkpoint(trained_run, tmp_path):
+    out, _, _ = trained_run
+    best = resolve_checkpoint(out)
+    assert best.name.startswith("best-step") and best.parent == out / "checkpoints"
+    assert resolve_checkpoint(out / "checkpoints" / "last.ckpt").name == "last.ckpt"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="without best-\\*.ckpt or last.ckpt"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_truncated_and_garbage_checkpoints_are_refused(trained_run, tmp_path):
+    out, _, _ = trained_run
+    data = (out / "checkpoints" / "last.ckpt").read_bytes()
+    (tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    for name in ("half.ckpt", "junk.ckpt"):
+        with pytest.raises(CheckpointError, match=f"{name} is not a readable checkpoint"):
+            read_checkpoint(tmp_path / name)
+
+
+class _Payload:  # unpickling this would run code (create a file)
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"model": {}, "vocab": "ab"}, "x": _Payload(marker)},
+        evil,
+        pickle_protocol=pickle.DEFAULT_PROTOCOL,
+    )
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        read_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_fit_their_config_are_refused(trained_run, tmp_path):
+    out, _, _ = trained_run
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt["hyper_parameters"]["model"]["n_layer"] = 5
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="the weights do not fit the model config .*n_layer=5"):
+        model_from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_path):
+    out, _, _ = trained_run
+    bundle = export_bundle(out, tmp_path / "bundle")
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    model, tok, _ = model_from_checkpoint(out)
+    again, tok2 = load_bundle(bundle)
+    x = tok.encode("First Keeper:\n")[None]
+    assert tok2.chars == tok.chars and torch.equal(model(x), again(x))
+    code = (
+        "import sys; from shakegpt.checkpoint import load_bundle; "
+        f"m, t = load_bundle({str(bundle)!r}); "
+        "assert not any(k.split('.')[0] in ('lightning', 'hydra', 'pytorch_lightning') for k in sys.modules), "
+        "sorted(k for k in sys.modules if 'lightning' in k or 'hydra' in k)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+    (bundle / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="lacks config.json"):
+        load_bundle(bundle)
+
+
+def sample_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "shakegpt.sample", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_sample_cli_streams_the_same_text_for_the_same_seed(trained_run, tmp_path):
+    out, _, _ = trained_run
+    runs = [sample_cli(f"ckpt_path={out}", "prompt=First Keeper:", "num_chars=60", "seed=3") for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("First Keeper:")
+    assert len(runs[0].stdout) == len("First Keeper:") + 60 + 1
+    other = sample_cli(f"ckpt_path={out}", "prompt=First Keeper:", "num_chars=60", "seed=4")
+    assert other.stdout != runs[0].stdout
+    # the exported bundle writes exactly what its checkpoint writes
+    export_bundle(out, tmp_path / "b")
+    assert (
+        sample_cli(f"ckpt_path={tmp_path / 'b'}", "prompt=First Keeper:", "num_chars=60", "seed=3").stdout
+        == runs[0].stdout
+    )
+    # several samples, nucleus sampling, a prompt file
+    (tmp_path / "p.txt").write_text("Second Keeper:\n")
+    many = sample_cli(
+        f"ckpt_path={out}", f"prompt_file={tmp_path / 'p.txt'}", "num_samples=2", "top_p=0.9", "num_chars=20"
+    )
+    assert many.returncode == 0 and many.stdout.count("--- sample") == 2 and "Second Keeper:" in many.stdout
+    assert not (ROOT / "outputs" / ".hydra").exists()  # sampling writes no run directory
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["temperature=0"], "error: temperature=0 is invalid; it must be > 0"),
+        (["top_k=0"], "error: top_k=0 is invalid"),
+        (["top_p=2"], "error: top_p=2 is invalid"),
+        (["prompt=" + "x" * 40], "error: the prompt has 40 characters, more than the model's context"),
+    ],
+)
+def test_sample_cli_bad_values_are_one_line(trained_run, args, message):
+    out, _, _ = trained_run
+    r = sample_cli(f"ckpt_path={out}", *args)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-1500:]
+
+
+def test_sample_cli_missing_checkpoint(tmp_path):
+    r = sample_cli(f"ckpt_path={tmp_path / 'none.ckpt'}")
+    assert r.returncode == 1 and r.stderr.strip().endswith("does not exist; give a .ckpt file or a run directory")
+
+
+def test_eval_gives_the_numbers_training_logged(trained_run):
+    out, cfg, _ = trained_run
+    logged = dict(scalars(load_run(out / "tensorboard"), "val/loss"))  # {step - 1: val loss}
+    best = resolve_checkpoint(out)
+    step = torch.load(best, weights_only=True)["global_step"]
+    data = {"path": str(TINY), "batch_size": cfg.data.batch_size, "seq_len": None}
+    row = evaluate_checkpoint(best, data, precision="32-true")
+    assert row["step"] == step and row["val_loss"] == pytest.approx(logged[step - 1], abs=1e-6)
+    assert row["val_bpc"] == pytest.approx(row["val_loss"] / 0.6931471805599453)
+    n_val = len(TINY.read_text()) - int(len(TINY.read_text()) * 0.9)
+    assert row["seq_len"] == 32 and row["val_windows"] == (n_val - 1) // 32
+
+
+def test_eval_cli_table_and_json(trained_run, tmp_path):
+    out, _, _ = trained_run
+    js = tmp_path / "eval.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shakegpt.evaluate",
+            f"ckpt_path=[{out},{out}/checkpoints/last.ckpt]",
+            f"data.path={TINY}",
+            "data.batch_size=4",
+            f"out={js}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "val loss" in r.stdout and r.stdout.count(".ckpt") == 2
+    rows = json.loads(js.read_text())
+    assert len(rows) == 2 and rows[0]["step"] in (3, 6) and rows[1]["step"] == 6
+    assert rows[0]["val_loss"] <= rows[1]["val_loss"]  # the run directory means its best checkpoint

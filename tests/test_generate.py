@@ -1,0 +1,89 @@
+"""Sampling: the KV cache computes what the full forward does, for every position encoding."""
+
+import pytest
+import torch
+
+from shakegpt.errors import ConfigError
+from shakegpt.generate import generate, sample_next, stream_text
+from shakegpt.model import GPT, GPTConfig, KVCache
+from shakegpt.pos_encoding import POS_ENCODINGS
+from shakegpt.tokenizer import CharTokenizer
+
+
+def tiny(pos: str, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=11, d_model=16, n_layer=2, n_head=4, d_ff=32, max_seq_len=16, pos_encoding=pos) | kw
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("pos", POS_ENCODINGS)
+def test_cached_logits_equal_the_full_forward(pos):
+    model = tiny(pos)
+    x = torch.randint(0, 11, (2, 14))
+    full = model(x)
+    cache = KVCache(2)
+    parts = [model(x[:, :5], 0, cache)]  # a prefix, then a chunk, then one token at a time
+    parts.append(model(x[:, 5:9], 5, cache))
+    parts += [model(x[:, t : t + 1], t, cache) for t in range(9, 14)]
+    assert len(cache) == 14
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", POS_ENCODINGS)
+def test_cache_and_no_cache_draw_the_same_tokens_past_the_context(pos):
+    model = tiny(pos)
+    prompt = torch.randint(0, 11, (2, 5))
+    runs = [
+        generate(model, prompt, 60, generator=torch.Generator().manual_seed(3), use_cache=use_cache, top_k=8)
+        for use_cache in (True, False)
+    ]
+    assert runs[0].shape == (2, 65)  # 60 tokens: the 16-token context restarted several times
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_sampling_is_seeded_and_skips_unk():
+    model = tiny("learned")
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    a = generate(model, prompt, 40, generator=torch.Generator().manual_seed(1), num_allowed=10)
+    b = generate(model, prompt, 40, generator=torch.Generator().manual_seed(1), num_allowed=10)
+    assert torch.equal(a, b) and int(a.max()) < 10
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]]).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=1, generator=g).flatten().tolist()) == {1}
+    assert set(sample_next(logits, top_k=2, generator=g).flatten().tolist()) == {1, 2}
+    assert set(sample_next(logits, top_p=0.01, generator=g).flatten().tolist()) == {1}  # the top id alone
+    assert set(sample_next(logits, top_p=0.6, generator=g).flatten().tolist()) == {1, 2}
+    assert set(sample_next(logits, temperature=100.0, generator=g).flatten().tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(temperature=0.0), "temperature=0.0 is invalid"),
+        (dict(top_k=0), "top_k=0 is invalid"),
+        (dict(top_p=1.5), "top_p=1.5 is invalid"),
+        (dict(top_p=0.0), "top_p=0.0 is invalid"),
+    ],
+)
+def test_bad_sampling_values_are_named(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        generate(tiny("none"), torch.zeros(1, 2, dtype=torch.long), 1, **kw)
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    tok = CharTokenizer("abc")
+    with pytest.raises(ConfigError, match="the prompt has 20 characters, more than .* model.max_seq_len=16"):
+        list(stream_text(tiny("rope", vocab_size=4), tok, "abc" * 6 + "ab", 5, seed=0))
+    with pytest.raises(ConfigError, match="the prompt is empty"):
+        list(stream_text(tiny("rope", vocab_size=4), tok, "", 5, seed=0))
+
+
+def test_stream_text_yields_characters_of_the_vocabulary():
+    tok = CharTokenizer("abc\n")
+    model = tiny("alibi", vocab_size=5)
+    chars = list(stream_text(model, tok, "a?b", 30, seed=2))  # '?' is outside the vocabulary: <unk>
+    assert len(chars) == 30 and set("".join(chars)) <= set("abc\n")
+    assert "".join(chars) == "".join(stream_text(model, tok, "a?b", 30, seed=2))
