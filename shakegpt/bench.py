@@ -33,6 +33,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from shakegpt.data import CharDataModule, RandomWindows
+from shakegpt.evaluate import full_val_pass
 from shakegpt.generate import stream
 from shakegpt.hardware import auto_precision, cpu_has_fast_bf16, physical_cores
 from shakegpt.model import GPT, GPTConfig
@@ -181,18 +182,7 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         )
         trainer.fit(module, datamodule=dm)
         # the full validation pass, as training runs it at every val_check_interval
-        validator = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision=precision,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-        )
-        t = time.perf_counter()
-        validator.validate(module, datamodule=dm, verbose=False)
-        val_seconds = time.perf_counter() - t
+        _, val_seconds = full_val_pass(module, dm, precision)
 
     flops = flops_per_step(mcfg, B, T)
     steps_s = {

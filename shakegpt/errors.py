@@ -1,6 +1,8 @@
 """Errors a user can cause and fix. Their messages name the bad value and what is accepted; the
 entry points print them as one line instead of a traceback."""
 
+import functools
+
 
 class ShakeGPTError(Exception):
     """Base of the errors whose message tells the user what to change."""
@@ -16,3 +18,17 @@ class DataError(ShakeGPTError, RuntimeError):
 
 class CheckpointError(ShakeGPTError, RuntimeError):
     """A checkpoint or exported bundle is missing, unreadable, or does not fit its model."""
+
+
+def exit_on_user_error(entry):
+    """Wrap a command-line entry point: a ShakeGPTError ends the program with `error: <message>`
+    on one line and exit code 1, instead of a traceback."""
+
+    @functools.wraps(entry)
+    def wrapper(*args, **kwargs):
+        try:
+            return entry(*args, **kwargs)
+        except ShakeGPTError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    return wrapper

@@ -18,10 +18,26 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from shakegpt.checkpoint import read_checkpoint, resolve_checkpoint
 from shakegpt.data import CharDataModule
-from shakegpt.errors import ShakeGPTError
+from shakegpt.errors import exit_on_user_error
 from shakegpt.hardware import auto_precision
 from shakegpt.module import LitGPT
 from shakegpt.train import CONF_DIR
+
+
+def full_val_pass(module: LitGPT, datamodule: CharDataModule, precision: str) -> tuple[dict[str, float], float]:
+    """(val metrics, seconds) of one deterministic pass over every validation window, on the CPU."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    t = time.perf_counter()
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    return metrics, time.perf_counter() - t
 
 
 def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -> dict:
@@ -33,17 +49,7 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -
     dm = CharDataModule(**data, vocab=module.tokenizer.chars)
     if precision == "auto":
         precision = auto_precision("cpu", module.config.d_model)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-    t = time.perf_counter()
-    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    metrics, seconds = full_val_pass(module, dm, precision)
     return {
         "ckpt": str(ckpt_file),
         "step": ckpt.get("global_step"),
@@ -53,7 +59,7 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -
         "precision": precision,
         "seq_len": data["seq_len"],
         "val_windows": (len(dm.val_ids) - 1) // data["seq_len"],
-        "seconds": time.perf_counter() - t,
+        "seconds": seconds,
     }
 
 
@@ -78,13 +84,11 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        evaluate(cfg)
-    except ShakeGPTError as e:
-        raise SystemExit(f"error: {e}") from None
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

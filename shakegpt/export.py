@@ -6,18 +6,16 @@ from __future__ import annotations
 import argparse
 
 from shakegpt.checkpoint import export_bundle
-from shakegpt.errors import ShakeGPTError
+from shakegpt.errors import exit_on_user_error
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m shakegpt.export", description=__doc__.split("\n")[0])
     p.add_argument("ckpt", help="a .ckpt file or a run directory (its best checkpoint)")
     p.add_argument("out_dir", help="the bundle directory to write")
     args = p.parse_args(argv)
-    try:
-        out = export_bundle(args.ckpt, args.out_dir)
-    except ShakeGPTError as e:
-        raise SystemExit(f"error: {e}") from None
+    out = export_bundle(args.ckpt, args.out_dir)
     print(f"written: {out}/model.safetensors, config.json, tokenizer.json")
 
 

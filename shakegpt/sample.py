@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from shakegpt.checkpoint import load_bundle, model_from_checkpoint
-from shakegpt.errors import ConfigError, ShakeGPTError
+from shakegpt.errors import ConfigError, exit_on_user_error
 from shakegpt.generate import check_sampling, stream_text
 from shakegpt.model import GPT
 from shakegpt.tokenizer import CharTokenizer
@@ -62,11 +62,9 @@ def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except ShakeGPTError as e:
-        raise SystemExit(f"error: {e}") from None
+    sample(cfg)
 
 
 if __name__ == "__main__":
