@@ -79,7 +79,7 @@ def stream(
             if not use_cache:
                 logits = model(ctx)
             elif cache is None:  # (re)fill the cache with the whole context
-                cache = KVCache(model.cfg.n_layer)
+                cache = KVCache(model.cfg.n_layer, window)
                 logits = model(ctx, 0, cache)
             else:  # only the newest token goes through the model
                 logits = model(ctx[:, -1:], len(cache), cache)

@@ -148,22 +148,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class KVCache:
-    """The keys and values of every layer for the tokens processed so far, (B, H, T, hd) each, so
-    that generation runs the model on one new token per step instead of the whole context."""
+    """The keys and values of every layer for the tokens processed so far, so that generation runs
+    the model on one new token per step instead of the whole context. Buffers of `capacity`
+    positions are filled in place: no copy of the whole cache per step."""
 
-    def __init__(self, n_layer: int):
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+    def __init__(self, n_layer: int, capacity: int):
+        self.capacity = capacity
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.lengths = [0] * n_layer
 
     def __len__(self) -> int:
-        first = self.layers[0]
-        return 0 if first is None else first[0].size(2)
+        return self.lengths[0]
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        past = self.layers[layer]
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
+        """Append k, v (B, H, T, hd) to `layer`'s cache; return all of its keys and values so far."""
+        start, end = self.lengths[layer], self.lengths[layer] + k.size(2)
+        if end > self.capacity:
+            raise ConfigError(f"KV cache of {self.capacity} positions cannot take {end}; start a new cache")
+        if self.k[layer] is None:
+            B, H, _, hd = k.shape
+            self.k[layer] = k.new_empty(B, H, self.capacity, hd)
+            self.v[layer] = v.new_empty(B, H, self.capacity, hd)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.lengths[layer] = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class FeedForward(nn.Module):

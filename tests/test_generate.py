@@ -21,12 +21,16 @@ def test_cached_logits_equal_the_full_forward(pos):
     model = tiny(pos)
     x = torch.randint(0, 11, (2, 14))
     full = model(x)
-    cache = KVCache(2)
+    cache = KVCache(2, 16)
     parts = [model(x[:, :5], 0, cache)]  # a prefix, then a chunk, then one token at a time
     parts.append(model(x[:, 5:9], 5, cache))
     parts += [model(x[:, t : t + 1], t, cache) for t in range(9, 14)]
     assert len(cache) == 14
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    kv = torch.zeros(2, 4, 2, 4)
+    assert cache.extend(0, kv, kv)[0].shape == (2, 4, 16, 4)  # full
+    with pytest.raises(ConfigError, match="KV cache of 16 positions cannot take 17"):
+        cache.extend(0, kv[:, :, :1], kv[:, :, :1])
 
 
 @pytest.mark.parametrize("pos", POS_ENCODINGS)
