@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from shakegpt.callbacks import HParamsWithMetric
 from shakegpt.errors import ConfigError, ShakeGPTError
@@ -24,6 +26,8 @@ from shakegpt.module import LitGPT
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# a sweep job's directory is named by its overrides; a group path's "/" must not nest directories
+OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "-"), replace=True)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -108,6 +112,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the next job of a sweep starts new ranks: it must not find this job's process group
+        torch.distributed.destroy_process_group()
     if trainer.is_global_zero:
         ckpt = trainer.checkpoint_callback
         if ckpt is not None and ckpt.best_model_path:
@@ -119,13 +126,43 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     return metrics
 
 
+@contextmanager
+def sweep_job():
+    """Inside a Hydra multirun, make Lightning's DDP launcher start this job's other ranks, not a sweep.
+
+    Lightning starts ranks 1.. by running `sys.argv` again with `hydra.run.dir=<HydraConfig run.dir>`
+    appended. Under `-m`, sys.argv is the whole sweep, so every rank would start a sweep of its own
+    (Lightning #11300, Hydra #2070). For the job's duration the argv becomes this job's own overrides
+    and the run dir this job's directory, so rank 1 joins this job, in it, once. Afterwards the
+    environment is restored: the launcher leaves LOCAL_RANK, WORLD_SIZE, MASTER_PORT… behind, and
+    the next job would take them to mean its ranks were started by someone else, and wait forever."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        yield
+        return
+    argv, env = sys.argv, dict(os.environ)
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(env)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     torch.set_float32_matmul_precision("high")
     try:
-        metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
+        with sweep_job():
+            metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
     except ShakeGPTError as e:  # the user's to fix: one line, no traceback
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None

@@ -1,0 +1,69 @@
+"""Hydra multirun: grid sweeps, and DDP jobs inside a sweep (each job one 2-process group, once)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT, TINY
+from .tb import hparams, load_run, scalars
+
+pytestmark = pytest.mark.slow
+
+SHRUNK = [  # experiment=smoke: 20 steps, validation at 10 and 20 on 2 batches
+    f"data.path={TINY}",
+    "experiment=smoke",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def multirun(cwd, *args):
+    """`python train.py -m …` run from `cwd`, so anything written outside the sweep dir shows there."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *SHRUNK, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    multirun(tmp_path, "model/pos_encoding=learned,rope,none", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 3  # one directory per job, named by number and overrides ("/" made "-")
+    for i, enc in enumerate(("learned", "rope", "none")):
+        assert jobs[i].startswith(f"{i}_") and f"model-pos_encoding={enc}" in jobs[i]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # nothing written elsewhere
+    encodings = set()
+    for job in sweep.iterdir():
+        if not job.is_dir():
+            continue
+        ea = load_run(job / "tensorboard")
+        params, metric_tags = hparams(ea)
+        encodings.add(params["model.pos_encoding"])
+        assert "val/loss_best" in metric_tags and scalars(ea, "val/loss_best")
+    assert encodings == {"learned", "rope", "none"}
+
+
+def test_ddp_inside_a_sweep_runs_each_job_once_as_two_ranks(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = multirun(tmp_path, "model=v1,v3", "trainer.devices=2", "trainer.precision=32-true", f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2 and "model=v1" in jobs[0].name and "model=v3" in jobs[1].name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # no nested sweep, no stray run dir
+    assert r.stderr.count("MEMBER: 2/2") == 2  # one second rank per job
+    for job, d_model in zip(jobs, (32, 384), strict=True):
+        assert (job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside this job's directory
+        assert not (job / "multirun.yaml").exists() and not any(
+            p.is_dir() and p.name[0].isdigit() for p in job.iterdir()
+        )
+        ea = load_run(job / "tensorboard")
+        params, _ = hparams(ea)
+        assert params["model.d_model"] == d_model and params["trainer.devices"] == 2
+        assert len(scalars(ea, "val/loss")) == 2
