@@ -13,7 +13,9 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -136,9 +138,6 @@ def sweep_job():
     and the run dir this job's directory, so rank 1 joins this job, in it, once. Afterwards the
     environment is restored: the launcher leaves LOCAL_RANK, WORLD_SIZE, MASTER_PORT… behind, and
     the next job would take them to mean its ranks were started by someone else, and wait forever."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         yield
@@ -157,14 +156,14 @@ def sweep_job():
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
     torch.set_float32_matmul_precision("high")
     try:
         with sweep_job():
             metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
     except ShakeGPTError as e:  # the user's to fix: one line, no traceback
         log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # one failed job of a sweep (an Optuna trial with a bad value) must not end the sweep
         raise SystemExit(f"error: {e}") from None
     name = cfg.get("optimized_metric")
     if name:

@@ -67,3 +67,27 @@ def test_ddp_inside_a_sweep_runs_each_job_once_as_two_ranks(tmp_path):
         params, _ = hparams(ea)
         assert params["model.d_model"] == d_model and params["trainer.devices"] == 2
         assert len(scalars(ea, "val/loss")) == 2
+
+
+def test_optuna_study_runs_and_continues_from_its_storage(tmp_path):
+    import optuna
+    import yaml
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    common = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}"]
+    multirun(tmp_path, *common, f"hydra.sweep.dir={tmp_path / 'first'}")
+    study = optuna.load_study(study_name="shakegpt", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    first_best = study.best_value
+    summary = yaml.safe_load((tmp_path / "first" / "optimization_results.yaml").read_text())
+    assert summary["best_value"] == pytest.approx(first_best) and set(summary["best_params"]) == {
+        "optim.lr",
+        "optim.warmup_steps",
+        "model.dropout",
+        "model.d_model",
+        "model.n_layer",
+    }
+    # the same command again: the study goes on from 3 to 6 trials
+    multirun(tmp_path, *common, f"hydra.sweep.dir={tmp_path / 'second'}")
+    study = optuna.load_study(study_name="shakegpt", storage=storage)
+    assert len(study.trials) == 6 and study.best_value <= first_best
