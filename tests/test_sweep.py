@@ -1,7 +1,12 @@
 """Hydra multirun: grid sweeps, and DDP jobs inside a sweep (each job one 2-process group, once)."""
 
+import json
+import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -91,3 +96,81 @@ def test_optuna_study_runs_and_continues_from_its_storage(tmp_path):
     multirun(tmp_path, *common, f"hydra.sweep.dir={tmp_path / 'second'}")
     study = optuna.load_study(study_name="shakegpt", storage=storage)
     assert len(study.trials) == 6 and study.best_value <= first_best
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_form_one_group(tmp_path):
+    """trainer.num_nodes=2, one process per "node", joined through the standard variables."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK=str(node))
+        cmd = [
+            sys.executable,
+            str(ROOT / "train.py"),
+            *SHRUNK,
+            "trainer.num_nodes=2",
+            "trainer.devices=1",
+            "trainer.strategy=ddp",
+            f"hydra.run.dir={tmp_path / f'node{node}'}",
+        ]
+        procs.append(
+            subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outs[0][1] and "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1][1]
+    assert len(scalars(load_run(tmp_path / "node0" / "tensorboard"), "val/loss")) == 2
+    assert not (tmp_path / "node1" / "tensorboard").exists()  # only global rank 0 writes
+
+
+def test_live_tensorboard_lists_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    multirun(tmp_path, "model/pos_encoding=learned,alibi", f"hydra.sweep.dir={sweep}")
+    port = free_port()
+    tb = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        body = json.dumps(
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
+                "colParams": [],
+                "startIndex": 0,
+                "sliceSize": 10,
+            }
+        ).encode()
+        groups = None
+        for _ in range(60):  # up to 30 s for the server to start and read the event files
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    groups = json.loads(r.read())["sessionGroups"]
+                if len(groups) == 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert groups is not None and len(groups) == 2
+        assert {g["hparams"]["model.pos_encoding"] for g in groups} == {"learned", "alibi"}
+        for g in groups:
+            metrics = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
+            assert 0 < metrics["val/loss_best"] <= metrics["val/loss"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as r:
+            runs = json.loads(r.read())
+        assert len(runs) == 2 and all("tensorboard" in run for run in runs)
+    finally:
+        tb.terminate()
+        tb.wait(timeout=30)
