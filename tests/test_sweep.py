@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -174,3 +175,39 @@ def test_live_tensorboard_lists_the_sweep(tmp_path):
     finally:
         tb.terminate()
         tb.wait(timeout=30)
+
+
+def test_submitit_local_executor_runs_a_sweep_and_returns_results(tmp_path):
+    """The SLURM launcher's machinery, run here through submitit's local executor."""
+    sweep = tmp_path / "sweep"
+    multirun(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "model/pos_encoding=learned,none",
+        f"hydra.sweep.dir={sweep}",
+    )
+    results = sorted(sweep.glob(".submitit/*/*_result.pkl"))
+    assert len(results) == 2
+    returned = {}
+    for f in results:  # written by this test's own jobs
+        status, ret = pickle.loads(f.read_bytes())
+        assert status == "success"
+        returned[next(o for o in ret.overrides if o.startswith("model/pos_encoding="))] = ret.return_value
+    for job in (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        enc = "learned" if "pos_encoding=learned" in job.name else "none"
+        best = scalars(load_run(job / "tensorboard"), "val/loss_best")[-1][1]
+        assert returned[f"model/pos_encoding={enc}"] == pytest.approx(best)
+
+
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    sweep = tmp_path / "sweep"
+    multirun(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model/pos_encoding=rope,alibi",
+        f"hydra.sweep.dir={sweep}",
+    )
+    jobs = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(jobs) == 2 and all(len(scalars(load_run(j / "tensorboard"), "val/loss")) == 2 for j in jobs)
