@@ -109,7 +109,12 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(HParamsWithMetric(params))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
+    extra = {}
+    interval, steps = cfg.trainer.get("val_check_interval"), cfg.trainer.get("max_steps", -1)
+    if isinstance(interval, int) and 0 < steps < interval:  # a shortened run still validates (at its end)
+        log.info("trainer.val_check_interval=%d > trainer.max_steps=%d: validating at step %d", interval, steps, steps)
+        extra["val_check_interval"] = steps
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision, **extra)
     # weights_only: resuming reads tensors and plain data, never code from the file
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 

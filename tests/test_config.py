@@ -165,3 +165,15 @@ def test_checksum_mismatch_fails_clearly(make_cfg, tmp_path, tiny_corpus, monkey
     cfg = make_cfg("data.path=null", f"paths.cache_dir={tmp_path / 'cache'}", f"+data.url={tiny_corpus.as_uri()}")
     with pytest.raises(DataError, match="checksum mismatch"):
         train(cfg)
+
+
+def test_a_run_shorter_than_the_validation_interval_still_validates(make_cfg):
+    metrics = train(
+        make_cfg(
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=250",
+            "~callbacks.checkpoint",
+            "trainer.enable_checkpointing=false",
+        )
+    )
+    assert math.isfinite(metrics["val/loss_best"])  # what train.py returns to sweepers
