@@ -1,5 +1,5 @@
-"""shakegpt's own Lightning callbacks: the step progress bar, the seed's log line, text samples and
-the TensorBoard HParams entry."""
+"""shakegpt's own Lightning callbacks: the step progress bar, the seed's log line, text samples,
+the TensorBoard HParams entry and the checkpoint saved when a run is interrupted."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import time
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from shakegpt.errors import DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +136,12 @@ class HParamsWithMetric(L.Callback):
                 # the metric values given here are not written; only the metric names are declared
                 for summary in hparams(self.params, dict.fromkeys(self.METRICS, 0.0)):
                     writer.add_summary(summary)
+
+
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """On Ctrl-C, SIGTERM or a crash, save `interrupted.ckpt` (weights, optimizer, schedule, step) so
+    the run can resume with ckpt_path=…. Not after a divergence: those weights are what went wrong."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, DivergedError):
+            super().on_exception(trainer, pl_module, exception)

@@ -16,6 +16,10 @@ class DataError(ShakeGPTError, RuntimeError):
     """The corpus cannot be found, fetched or read."""
 
 
+class DivergedError(ShakeGPTError, RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
 class CheckpointError(ShakeGPTError, RuntimeError):
     """A checkpoint or exported bundle is missing, unreadable, or does not fit its model."""
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
-from shakegpt.errors import ConfigError
+from shakegpt.errors import ConfigError, DivergedError
 from shakegpt.generate import stream_text
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.tokenizer import CharTokenizer
@@ -85,6 +85,11 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._loss_acc(batch)
+        if not torch.isfinite(loss):  # stop before the bad gradients reach the weights
+            raise DivergedError(
+                f"the training loss is {loss.item()} at step {self.global_step}: training stopped; the checkpoints "
+                "written before stay as they were. Lower optim.lr, keep trainer.gradient_clip_val, or use fp32"
+            )
         detached = loss.detach()
         self.log("train/loss", detached, sync_dist=True, prog_bar=True)
         self.log_dict({"train/acc": acc, "train/bpc": detached / LN2}, sync_dist=True)

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from shakegpt.callbacks import HParamsWithMetric
@@ -105,8 +105,10 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len) | {"trainer.precision": precision}
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # Lightning refuses a bar or a checkpoint callback it was told not to use: leave them out instead
+    for switch, kind in (("enable_progress_bar", ProgressBar), ("enable_checkpointing", Checkpoint)):
+        if not cfg.trainer.get(switch, True):
+            callbacks = [c for c in callbacks if not isinstance(c, kind)]
     callbacks.append(HParamsWithMetric(params))
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     extra = {}

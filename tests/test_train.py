@@ -2,14 +2,17 @@
 
 import itertools
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from shakegpt.data import CharDataModule
 from shakegpt.module import LitGPT, lr_factor
+from shakegpt.train import train
 
 from .conftest import ROOT, TINY
 from .tb import hparams, load_run, scalars, texts
@@ -140,3 +143,46 @@ def test_command_line_bad_value_is_one_line(tmp_path):
         "error: model.d_model=128 is not divisible by model.n_head=5; pick n_head among the divisors of 128"
     )
     assert "Traceback" not in r.stderr
+
+
+def test_a_diverging_run_stops_naming_the_step(make_cfg, tmp_path):
+    from shakegpt.errors import DivergedError
+
+    cfg = make_cfg("optim.lr=1e6", "optim.warmup_steps=0", "trainer.gradient_clip_val=null")
+    with pytest.raises(DivergedError, match=r"the training loss is (nan|inf) at step \d+: training stopped"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints" / "interrupted.ckpt").exists()  # no checkpoint of diverged weights
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            f"data.path={TINY}",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "trainer.max_steps=100000",
+            "trainer.val_check_interval=5",
+            "trainer.enable_progress_bar=false",
+            "sample.num_chars=5",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for _ in range(600):  # wait for training to be under way: the first validation's log line
+            if (out / "train.log").is_file() and "- step 5/" in (out / "train.log").read_text():
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    ckpt = torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert ckpt["global_step"] >= 5 and "optimizer_states" in ckpt and ckpt["hyper_parameters"]["vocab"]
