@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from shakegpt.data import CharDataModule, RandomWindows
 from shakegpt.evaluate import full_val_pass
 from shakegpt.generate import stream
-from shakegpt.hardware import auto_precision, cpu_has_fast_bf16, physical_cores
+from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.module import LitGPT, adamw, lr_factor
 from shakegpt.train import CONF_DIR
@@ -129,9 +129,7 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         cfg = compose("train", overrides=[f"model={name}", *overrides])
     mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     B, T, seed = cfg.data.batch_size, cfg.data.seq_len, cfg.seed
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = auto_precision("cpu", mcfg.d_model)
+    precision = resolve_precision(cfg.trainer.precision, "cpu", mcfg.d_model)
     dm = CharDataModule(path=str(corpus), batch_size=B, seq_len=T, seed=seed)
     dm.setup("fit")
     torch.manual_seed(seed)

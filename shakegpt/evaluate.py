@@ -18,8 +18,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from shakegpt.checkpoint import read_checkpoint, resolve_checkpoint
 from shakegpt.data import CharDataModule
-from shakegpt.errors import exit_on_user_error
-from shakegpt.hardware import auto_precision
+from shakegpt.errors import CheckpointError, exit_on_user_error
+from shakegpt.hardware import resolve_precision
 from shakegpt.module import LitGPT
 from shakegpt.train import CONF_DIR
 
@@ -42,13 +42,19 @@ def full_val_pass(module: LitGPT, datamodule: CharDataModule, precision: str) ->
 
 def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -> dict:
     ckpt_file = resolve_checkpoint(path)
-    ckpt = read_checkpoint(ckpt_file)  # weights_only: checks the file before Lightning touches it
-    module = LitGPT.load_from_checkpoint(ckpt_file, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
+    try:
+        module = LitGPT(**ckpt["hyper_parameters"])
+        module.load_state_dict(ckpt["state_dict"])
+    except (TypeError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"ckpt_path={ckpt_file}: the weights or settings do not fit a shakegpt model: {detail}"
+        ) from None
     data = dict(data)
     data["seq_len"] = data.get("seq_len") or module.config.max_seq_len
     dm = CharDataModule(**data, vocab=module.tokenizer.chars)
-    if precision == "auto":
-        precision = auto_precision("cpu", module.config.d_model)
+    precision = resolve_precision(precision, "cpu", module.config.d_model)
     metrics, seconds = full_val_pass(module, dm, precision)
     return {
         "ckpt": str(ckpt_file),

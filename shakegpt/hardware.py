@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from functools import cache
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # below this width a model is too small for bf16 to pay on a CPU: measured at the v1 shape
 # (d_model 32) bf16 autocast made a step 1.3x slower (its casts cost more than its matmuls save)
@@ -49,6 +46,11 @@ def physical_cores() -> int:
     except OSError:
         pass
     return os.cpu_count() or 1
+
+
+def resolve_precision(precision: str, accelerator: str, d_model: int) -> str:
+    """`precision` as given, or for "auto" the one `auto_precision` picks."""
+    return auto_precision(accelerator, d_model) if precision == "auto" else precision
 
 
 def auto_precision(accelerator: str, d_model: int) -> str:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from shakegpt.callbacks import HParamsWithMetric
 from shakegpt.errors import ConfigError, ShakeGPTError
-from shakegpt.hardware import auto_precision, physical_cores
+from shakegpt.hardware import physical_cores, resolve_precision
 from shakegpt.model import seed_formula_params
 from shakegpt.module import LitGPT
 
@@ -96,10 +96,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={module.config.max_seq_len}; "
             "lower data.seq_len or raise model.max_seq_len"
         )
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = auto_precision(cfg.trainer.accelerator, module.config.d_model)
-        log.info("trainer.precision=auto -> %s", precision)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
+    if precision != cfg.trainer.precision:
+        log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision)
     if "OMP_NUM_THREADS" not in os.environ:  # DDP sets it to cores / processes
         torch.set_num_threads(physical_cores())
     params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len) | {"trainer.precision": precision}

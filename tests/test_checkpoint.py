@@ -86,9 +86,9 @@ def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_pa
         load_bundle(bundle)
 
 
-def sample_cli(*args):
+def sample_cli(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "shakegpt.sample", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "shakegpt.sample", *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 
@@ -108,11 +108,13 @@ def test_sample_cli_streams_the_same_text_for_the_same_seed(trained_run, tmp_pat
     )
     # several samples, nucleus sampling, a prompt file
     (tmp_path / "p.txt").write_text("Second Keeper:\n")
+    here = tmp_path / "cwd"
+    here.mkdir()
     many = sample_cli(
-        f"ckpt_path={out}", f"prompt_file={tmp_path / 'p.txt'}", "num_samples=2", "top_p=0.9", "num_chars=20"
+        f"ckpt_path={out}", f"prompt_file={tmp_path / 'p.txt'}", "num_samples=2", "top_p=0.9", "num_chars=20", cwd=here
     )
     assert many.returncode == 0 and many.stdout.count("--- sample") == 2 and "Second Keeper:" in many.stdout
-    assert not (ROOT / "outputs" / ".hydra").exists()  # sampling writes no run directory
+    assert list(here.iterdir()) == []  # sampling writes nothing where it runs: no run directory, no log
 
 
 @pytest.mark.parametrize(
