@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shakegpt.errors import ConfigError
 from shakegpt.generate import generate, sample_next, stream_text
-from shakegpt.model import GPT, GPTConfig, KVCache
+from shakegpt.model import GPT, GPTConfig, KVCache, linear
 from shakegpt.pos_encoding import POS_ENCODINGS
 from shakegpt.tokenizer import CharTokenizer
 
@@ -16,10 +17,36 @@ def tiny(pos: str, **kw) -> GPT:
     return GPT(GPTConfig(**cfg)).eval()
 
 
+@pytest.fixture
+def two_threads():
+    """The one-row matmul path splits work among threads: make sure there are two of them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_row_linear_equals_f_linear(two_threads):
+    w, b = torch.randn(12, 8), torch.randn(12)
+    x = torch.randn(1, 1, 8)
+    with torch.no_grad():
+        assert torch.allclose(linear(x, w, b), F.linear(x, w, b), atol=1e-6)
+        assert torch.allclose(linear(x, w), F.linear(x, w), atol=1e-6)
+        odd = torch.randn(11, 8)  # rows not divisible by the threads: the plain path
+        assert torch.equal(linear(x, odd), F.linear(x, odd))
+    y = linear(x, w.requires_grad_(), b)  # with gradients: the plain path, and they flow
+    y.sum().backward()
+    assert w.grad is not None and torch.allclose(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("pos", POS_ENCODINGS)
-def test_cached_logits_equal_the_full_forward(pos):
-    model = tiny(pos)
-    x = torch.randint(0, 11, (2, 14))
+@torch.no_grad()  # as generation runs: one-row matmuls take the split path
+def test_cached_logits_equal_the_full_forward(pos, batch, two_threads):
+    model = tiny(pos, bias=batch == 1, vocab_size=12)
+    for p in model.parameters():  # no zero biases or unit LayerNorm gains that could hide a slip
+        p.add_(0.1 * torch.randn_like(p))
+    x = torch.randint(0, 11, (batch, 14))
     full = model(x)
     cache = KVCache(2, 16)
     parts = [model(x[:, :5], 0, cache)]  # a prefix, then a chunk, then one token at a time
@@ -27,8 +54,8 @@ def test_cached_logits_equal_the_full_forward(pos):
     parts += [model(x[:, t : t + 1], t, cache) for t in range(9, 14)]
     assert len(cache) == 14
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
-    kv = torch.zeros(2, 4, 2, 4)
-    assert cache.extend(0, kv, kv)[0].shape == (2, 4, 16, 4)  # full
+    kv = torch.zeros(batch, 4, 2, 4)
+    assert cache.extend(0, kv, kv)[0].shape == (batch, 4, 16, 4)  # full
     with pytest.raises(ConfigError, match="KV cache of 16 positions cannot take 17"):
         cache.extend(0, kv[:, :, :1], kv[:, :, :1])
 
