@@ -1,15 +1,20 @@
 """shakegpt's own Lightning callbacks: the step progress bar, the seed's log line, text samples,
-the TensorBoard HParams entry and the checkpoint saved when a run is interrupted."""
+the TensorBoard HParams entry and the checkpoint saved when a run is interrupted; and the
+checkpoint writer that never leaves a truncated file."""
 
 from __future__ import annotations
 
 import datetime
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import OnExceptionCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -145,3 +150,25 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, DivergedError):
             super().on_exception(trainer, pl_module, exception)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside its destination, flush it to disk, then
+    rename it into place: a kill or a full disk during the write leaves the previous checkpoint
+    whole and no truncated file under the checkpoint's name. Remote paths (s3://, ...) keep
+    Lightning's own writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -153,9 +153,22 @@ class LitGPT(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best_val_loss"] = self.best_val_loss
+        # the random state that dropout draws from, so a resumed run draws the masks it would have
+        checkpoint["rng_state"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
+        self._resume_rng = checkpoint.get("rng_state")
+
+    def on_train_start(self) -> None:
+        # restored here, after Lightning's own setup has drawn from the generator
+        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def generate_text(
         self,

@@ -1,7 +1,7 @@
 """`python -m shakegpt.sample ckpt_path=…` (or `shakegpt-sample`): stream text from a trained model.
 
 Keys (conf/sample.yaml): ckpt_path, prompt / prompt_file, num_chars, num_samples, temperature, top_k,
-top_p, seed, device. Same seed and checkpoint give the same text.
+top_p, seed, device, allow_unk. Same seed and checkpoint give the same text.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"prompt_file={cfg.prompt_file} cannot be read as UTF-8 text: {e}") from None
     model, tokenizer = load_any(cfg.ckpt_path)
+    unknown = tokenizer.unknown_chars(prompt)
+    if unknown and not cfg.get("allow_unk", False):
+        raise ConfigError(
+            f"the prompt has characters outside the model's vocabulary: {unknown}; it knows "
+            f"{''.join(tokenizer.chars)!r} (or pass allow_unk=true to read them as <unk>)"
+        )
     model.to(cfg.device)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     texts = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +21,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from shakegpt.callbacks import HParamsWithMetric
+from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
+from shakegpt.checkpoint import read_checkpoint
 from shakegpt.errors import ConfigError, ShakeGPTError
 from shakegpt.hardware import physical_cores, resolve_precision
-from shakegpt.model import seed_formula_params
+from shakegpt.model import GPTConfig, seed_formula_params
 from shakegpt.module import LitGPT
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,59 @@ def log_param_counts(module: LitGPT, seq_len: int) -> dict[str, int]:
     return {"params_exact": exact, "params_seed_formula": seed}
 
 
+def check_trainer(tcfg: DictConfig) -> None:
+    """Refuse step counts and device counts that cannot work, naming the value."""
+    steps = tcfg.get("max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ConfigError(
+            f"trainer.max_steps={steps!r} is invalid; it must be a positive integer "
+            "(training batches are an endless stream, so a run needs a step count)"
+        )
+    devices, accelerator = tcfg.get("devices"), str(tcfg.get("accelerator"))
+    gpu_wanted = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no usable GPU; use trainer.accelerator=cpu or auto"
+        )
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        available = torch.cuda.device_count() if gpu_wanted else (os.cpu_count() or 1)
+        kind = "GPUs" if gpu_wanted else "CPU cores (one process per device)"
+        if devices < 1 or devices > available:
+            raise ConfigError(
+                f"trainer.devices={devices} is invalid; this machine has {available} {kind}: use 1 to {available}"
+            )
+
+
+# what a checkpoint's weights are laid out by (dropout or the learning rate may change on resume)
+ARCHITECTURE = (
+    "vocab_size",
+    "d_model",
+    "n_layer",
+    "n_head",
+    "d_ff",
+    "bias",
+    "tie_weights",
+    "pos_encoding",
+    "max_seq_len",
+)
+
+
+def check_resume(ckpt_path: str, module: LitGPT) -> None:
+    """A checkpoint to resume from must hold the same model and vocabulary as this run."""
+    hp = read_checkpoint(ckpt_path)["hyper_parameters"]
+    theirs, ours = GPTConfig.from_dict(dict(hp["model"])).to_dict(), module.config.to_dict()
+    differ = [f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in ARCHITECTURE if theirs[k] != ours[k]]
+    if differ:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is from a different model ({'; '.join(differ)}); resume with its config"
+        )
+    if hp["vocab"] != module.hparams.vocab:
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was trained on a vocabulary of {len(hp['vocab'])} characters, this corpus has "
+            f"{len(module.hparams.vocab)}; resume with the corpus it was trained on (data.path)"
+        )
+
+
 def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, float]:
     """Fit the model that `cfg` describes; return the final callback metrics as floats."""
     L.seed_everything(cfg.seed, workers=True)
@@ -96,6 +151,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
             f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={module.config.max_seq_len}; "
             "lower data.seq_len or raise model.max_seq_len"
         )
+    check_trainer(cfg.trainer)
+    if cfg.get("ckpt_path"):
+        check_resume(cfg.ckpt_path, module)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision)
@@ -115,7 +173,14 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     if isinstance(interval, int) and 0 < steps < interval:  # a shortened run still validates (at its end)
         log.info("trainer.val_check_interval=%d > trainer.max_steps=%d: validating at step %d", interval, steps, steps)
         extra["val_check_interval"] = steps
-    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision, **extra)
+    trainer: L.Trainer = build(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=precision,
+        plugins=[AtomicCheckpointIO()],
+        **extra,
+    )
     # weights_only: resuming reads tensors and plain data, never code from the file
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
 
@@ -132,6 +197,13 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
             text = module.generate_text(s.prompt, s.num_chars, s.temperature, s.top_k, s.seed)
             print(f"\n--- sample after {trainer.global_step} steps ---\n{text}\n---", flush=True)
     return metrics
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Delete the directory of a run that stopped before training started: it holds only Hydra's
+    record and a log ending in the error just printed, and would clutter outputs/."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @contextmanager
@@ -170,6 +242,7 @@ def main(cfg: DictConfig) -> float | None:
         log.error("%s", e)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one failed job of a sweep (an Optuna trial with a bad value) must not end the sweep
+        remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         raise SystemExit(f"error: {e}") from None
     name = cfg.get("optimized_metric")
     if name:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,27 @@ def trained_run(tmp_path_factory):
     cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.precision=32-true")
     metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "learned"})
     return out, cfg, metrics
+
+
+def train_command(out: Path, *args: str) -> list[str]:
+    """`python train.py` shrunk to the tiny corpus, writing to `out`; run it with cwd=ROOT."""
+    return [
+        sys.executable,
+        "train.py",
+        f"data.path={TINY}",
+        "data.seq_len=32",
+        "data.batch_size=4",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={out}",
+        *args,
+    ]
+
+
+def wait_for_log(out: Path, text: str, seconds: float = 120) -> None:
+    """Wait until the run writing to `out` has logged `text` (e.g. its first validation line)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (out / "train.log").is_file() and text in (out / "train.log").read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{text!r} did not appear in {out / 'train.log'} within {seconds} s")

@@ -124,12 +124,22 @@ def test_sample_cli_streams_the_same_text_for_the_same_seed(trained_run, tmp_pat
         (["top_k=0"], "error: top_k=0 is invalid"),
         (["top_p=2"], "error: top_p=2 is invalid"),
         (["prompt=" + "x" * 40], "error: the prompt has 40 characters, more than the model's context"),
+        (
+            ["prompt='a\u20ac\u00e9'"],
+            "error: the prompt has characters outside the model's vocabulary: ['\u00e9', '\u20ac']",
+        ),
     ],
 )
 def test_sample_cli_bad_values_are_one_line(trained_run, args, message):
     out, _, _ = trained_run
     r = sample_cli(f"ckpt_path={out}", *args)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-1500:]
+
+
+def test_sample_cli_can_read_unknown_prompt_characters_as_unk(trained_run):
+    out, _, _ = trained_run
+    r = sample_cli(f"ckpt_path={out}", "prompt='\u00e9'", "allow_unk=true", "num_chars=5")
+    assert r.returncode == 0 and r.stdout.startswith("\u00e9") and len(r.stdout.rstrip("\n")) == 6, r.stderr[-800:]
 
 
 def test_sample_cli_missing_checkpoint(tmp_path):

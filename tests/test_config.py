@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from shakegpt.errors import ConfigError, DataError
+from shakegpt.errors import CheckpointError, ConfigError, DataError
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.pos_encoding import POS_ENCODINGS
 from shakegpt.train import train
@@ -142,7 +142,14 @@ def test_every_preset_and_encoding_trains(make_cfg, preset, pos):
         (["model.n_head=5"], ConfigError, "model.d_model=128 is not divisible by model.n_head=5"),
         (["model.pos_encoding=rotary"], ConfigError, "model.pos_encoding='rotary' is unknown"),
         (["optim.lr=0"], ConfigError, "optim.lr=0 is invalid"),
+        (["optim.lr=-0.001"], ConfigError, "optim.lr=-0.001 is invalid; it must be > 0"),
         (["data.batch_size=0"], ConfigError, "data.batch_size=0 is invalid"),
+        (["data.batch_size=-4"], ConfigError, "data.batch_size=-4 is invalid"),
+        (["trainer.max_steps=0"], ConfigError, "trainer.max_steps=0 is invalid; it must be a positive integer"),
+        (["trainer.max_steps=-1"], ConfigError, "trainer.max_steps=-1 is invalid"),
+        (["trainer.devices=4096"], ConfigError, r"trainer.devices=4096 is invalid; this machine has \d+ CPU cores"),
+        (["trainer.devices=0"], ConfigError, "trainer.devices=0 is invalid"),
+        (["model.max_seq_len=16"], ConfigError, "data.seq_len=32 exceeds model.max_seq_len=16"),
         (["model.vocab_size=10"], ConfigError, "model.vocab_size=10 is smaller than the corpus vocabulary"),
         (["data.seq_len=64", "model.max_seq_len=32"], ConfigError, "data.seq_len=64 exceeds model.max_seq_len=32"),
         (["data.path=/no/such/input.txt"], DataError, "data.path=/no/such/input.txt does not exist"),
@@ -177,3 +184,25 @@ def test_a_run_shorter_than_the_validation_interval_still_validates(make_cfg):
         )
     )
     assert math.isfinite(metrics["val/loss_best"])  # what train.py returns to sweepers
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_on_a_machine_without_one(make_cfg):
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no usable GPU"):
+        train(make_cfg("trainer.accelerator=gpu"))
+
+
+def test_resuming_from_another_model_or_vocabulary_is_refused(make_cfg, trained_run, real_corpus):
+    ckpt = trained_run[0] / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"is from a different model \(model.n_layer=2 there, 3 here\)"):
+        train(make_cfg("model.n_layer=3", f"ckpt_path={ckpt}"))
+    with pytest.raises(ConfigError, match="was trained on a vocabulary of \\d+ characters, this corpus has 65"):
+        train(make_cfg(f"data.path={real_corpus}", f"ckpt_path={ckpt}"))
+
+
+def test_resuming_from_a_truncated_checkpoint_is_refused(make_cfg, trained_run, tmp_path):
+    bad = tmp_path / "cut.ckpt"
+    whole = (trained_run[0] / "checkpoints" / "last.ckpt").read_bytes()
+    bad.write_bytes(whole[: len(whole) // 3])
+    with pytest.raises(CheckpointError, match=f"ckpt_path={bad} is not a readable checkpoint"):
+        train(make_cfg(f"ckpt_path={bad}"))

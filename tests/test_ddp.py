@@ -1,14 +1,18 @@
 """`python train.py model=v3 trainer.devices=2` as two CPU processes over gloo, then a resume."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from shakegpt.module import LitGPT
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, train_command, wait_for_log
 from .tb import load_run, scalars
 
 pytestmark = pytest.mark.slow
@@ -74,3 +78,29 @@ def test_two_cpu_processes_then_resume(tmp_path):
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
     steps = [s for s, _ in scalars(load_run(second / "tensorboard"), "train/loss")]
     assert min(steps) >= 6 and max(steps) == 8, steps
+
+
+def test_when_one_rank_dies_the_other_exits_soon(tmp_path):
+    """kill -9 of rank 1 mid-training: rank 0 must fail within a bounded time, not wait for its peer."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_command(out, "trainer.devices=2", "trainer.max_steps=100000", "trainer.val_check_interval=5"),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_log(out, "- step 5/")  # training under way on both ranks: the first validation
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "rank 1 was not found among rank 0's child processes"
+        for pid in children:  # Lightning starts rank 1 as a child of rank 0
+            os.kill(int(pid), signal.SIGKILL)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert waited < 60, f"rank 0 took {waited:.0f} s to notice"
+    assert "Traceback" not in err.splitlines()[-1]

@@ -5,7 +5,6 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from shakegpt.data import CharDataModule
 from shakegpt.module import LitGPT, lr_factor
 from shakegpt.train import train
 
-from .conftest import ROOT, TINY
+from .conftest import ROOT, TINY, train_command, wait_for_log
 from .tb import hparams, load_run, scalars, texts
 
 
@@ -53,7 +52,7 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
     params, metric_tags = hparams(ea)
     assert "val/loss_best" in metric_tags and "hp_metric" not in tags
     assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
-    assert params["params_exact"] == 808_576 and params["params_seed_formula"] > 0
+    assert params["params_exact"] == 414_848 and params["params_seed_formula"] > 0
     samples = texts(ea, "sample/text_summary")
     assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
 
@@ -124,25 +123,41 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "T+ 0:00:0" in log and "- step 4/4: train loss " in log and "; t_remain 0:00:00" in log
-    assert "parameters: 808,576 exact" in log  # quickstart with a 32-position table
+    assert "parameters: 414,848 exact" in log  # quickstart with a 32-position table
     assert "--- sample after 4 steps ---" in r.stdout
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_command_line_bad_value_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "last_line", "also"),
+    [
+        (
+            ["model.n_head=5"],
+            "error: model.d_model=128 is not divisible by model.n_head=5; pick n_head among the divisors of 128",
+            [],
+        ),
+        (["+model.heads=8"], "error: unknown model config key(s) ['heads']; known keys: [", []),
+        # Hydra's own composition errors: they name the value and list what is accepted
+        (["model=v4"], None, ["Could not find 'model/v4'", "Available options in 'model'", "quickstart"]),
+        (["model.heads=8"], None, ["Could not override 'model.heads'", "Key 'heads' is not in struct"]),
+    ],
+)
+def test_command_line_mistakes_are_named_and_leave_no_run_directory(tmp_path, args, last_line, also):
     out = tmp_path / "bad"
     r = subprocess.run(
-        [sys.executable, "train.py", f"data.path={TINY}", "model.n_head=5", f"hydra.run.dir={out}"],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "train.py"), f"data.path={TINY}", *args, f"hydra.run.dir={out}"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == (
-        "error: model.d_model=128 is not divisible by model.n_head=5; pick n_head among the divisors of 128"
-    )
+    if last_line:
+        assert r.stderr.strip().splitlines()[-1].startswith(last_line), r.stderr[-1500:]
+    for text in also:
+        assert text in r.stderr, r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory (or anything else) left behind
 
 
 def test_a_diverging_run_stops_naming_the_step(make_cfg, tmp_path):
@@ -158,28 +173,14 @@ def test_a_diverging_run_stops_naming_the_step(make_cfg, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            f"data.path={TINY}",
-            "data.seq_len=32",
-            "data.batch_size=4",
-            "trainer.max_steps=100000",
-            "trainer.val_check_interval=5",
-            "trainer.enable_progress_bar=false",
-            "sample.num_chars=5",
-            f"hydra.run.dir={out}",
-        ],
+        train_command(out, "trainer.max_steps=100000", "trainer.val_check_interval=5", "sample.num_chars=5"),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        for _ in range(600):  # wait for training to be under way: the first validation's log line
-            if (out / "train.log").is_file() and "- step 5/" in (out / "train.log").read_text():
-                break
-            time.sleep(0.1)
+        wait_for_log(out, "- step 5/")  # training under way: the first validation's log line
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
     finally:

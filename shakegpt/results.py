@@ -1,0 +1,204 @@
+"""Reference runs: keep a run's small artifacts, tabulate them, plot their curves.
+
+    python -m shakegpt.results keep outputs/runs/<run> --name v3-seed --command "python train.py model=v3"
+    python -m shakegpt.results table                      # markdown table of outputs/reference/
+    python -m shakegpt.results plot --out docs/results.png
+
+`keep` copies what a reader needs to check a run without its checkpoints: the TensorBoard event
+files, the resolved config, the log, the last text sample, and a `metrics.json` summary (best and
+last val loss, steps, training time from the event timestamps, parameters, the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from shakegpt.errors import ConfigError, exit_on_user_error
+
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "outputs" / "reference"
+
+# the seed's rows and nanoGPT's published figure (REFERENCE.md), for tables and plots
+SEED = {"v1": 1.7002, "v2": 1.7531, "v3": 1.6900}
+SEED_WALL = {"v1": "5h20m", "v2": "38 min", "v3": "40 min"}  # the seed's own run times, its hardware
+NANOGPT = 1.4697
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of a run's TensorBoard event files: tag -> [(step, value, seconds since the
+    run's first event)], in step order. `run_dir` is a run directory or its tensorboard/ folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(run_dir)
+    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
+    if not any(tb.glob("events.out.tfevents.*")):
+        raise ConfigError(f"no TensorBoard event files in {tb}; give a run directory made by train.py")
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    events = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+    start = min((e[0].wall_time for e in events.values() if e), default=0.0)
+    return {tag: [(e.step, e.value, e.wall_time - start) for e in evs] for tag, evs in events.items()}
+
+
+def last_sample(run_dir: str | Path) -> str | None:
+    """The last text sample a run wrote to TensorBoard, or None."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(run_dir)
+    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
+    acc = EventAccumulator(str(tb), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["tensors"] if t.startswith("sample")]
+    if not tags:
+        return None
+    proto = acc.Tensors(tags[0])[-1].tensor_proto
+    text = proto.string_val[0].decode("utf-8")
+    # the TextSample callback indents every line by four spaces (a markdown code block): undo that
+    return "\n".join(line.removeprefix("    ") for line in text.split("\n"))
+
+
+def summarize(run_dir: str | Path) -> dict:
+    """Best and last val loss, steps and training seconds of a run, from its event files."""
+    s = read_scalars(run_dir)
+    val = s.get("val/loss", [])
+    if not val:
+        raise ConfigError(f"{run_dir} has no val/loss yet: it has not validated once")
+    best = min(val, key=lambda e: e[1])
+    train_end = max(e[2] for evs in s.values() for e in evs)
+    return {
+        "best_val_loss": round(best[1], 4),
+        "best_step": best[0] + 1,
+        "last_val_loss": round(val[-1][1], 4),
+        "steps": max(e[0] for evs in s.values() for e in evs) + 1,
+        "train_seconds": round(train_end, 1),
+        "seconds_to_best": round(best[2], 1),
+    }
+
+
+def keep(run_dir: str | Path, name: str, command: str, dest_root: str | Path = REFERENCE_DIR, note: str = "") -> Path:
+    """Copy a run's small artifacts to `dest_root/name` and write its metrics.json."""
+    from shakegpt.model import GPT, GPTConfig, seed_formula_params
+
+    run_dir = Path(run_dir)
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{run_dir} has no .hydra/config.yaml; give a run directory made by train.py")
+    dest = Path(dest_root) / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "tensorboard").mkdir(parents=True)
+    for f in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+        shutil.copy2(f, dest / "tensorboard" / f.name)
+    shutil.copy2(config, dest / "config.yaml")
+    shutil.copy2(run_dir / ".hydra" / "overrides.yaml", dest / "overrides.yaml")
+    if (run_dir / "train.log").is_file():
+        shutil.copy2(run_dir / "train.log", dest / "train.log")
+    sample = last_sample(run_dir)
+    if sample:
+        (dest / "sample.txt").write_text(sample)
+    cfg = OmegaConf.load(config)  # as Hydra saved it: paths still refer to ${hydra:...}, so resolve parts
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+    metrics = {
+        "name": name,
+        "command": command,
+        **summarize(run_dir),
+        "max_steps": cfg.trainer.max_steps,
+        "params": model.num_params(),
+        "seed_formula_params": seed_formula_params(model.cfg, cfg.data.seq_len),
+        "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
+        "note": note,
+    }
+    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return dest
+
+
+def load_reference(root: str | Path = REFERENCE_DIR) -> list[dict]:
+    """metrics.json of every kept run, sorted by name."""
+    return [json.loads(p.read_text()) for p in sorted(Path(root).glob("*/metrics.json"))]
+
+
+def _hms(seconds: float) -> str:
+    m = round(seconds / 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m} min" if m else f"{seconds:.0f} s"
+
+
+def table(root: str | Path = REFERENCE_DIR) -> str:
+    """Markdown table of the kept runs against the seed row of their preset and nanoGPT."""
+    rows = [
+        "| run | params | steps done / planned | best val loss | training time | seed row | nanoGPT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in load_reference(root):
+        preset = m["name"].split("-")[0]
+        seed = f"{SEED[preset]:.4f}" if preset in SEED else "—"
+        rows.append(
+            f"| {m['name']} | {m['params'] / 1e6:.2f} M | {m['steps']:,} / {m['max_steps']:,} | "
+            f"{m['best_val_loss']:.4f} | {_hms(m['train_seconds'])} | {seed} | {NANOGPT:.4f} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=None):
+    """Val loss against training time for every kept run, with the seed rows and nanoGPT as lines."""
+    import matplotlib
+    import matplotlib.ticker
+
+    if out is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4.8))
+    for run in sorted(p.parent for p in Path(root).glob("*/metrics.json")):
+        val = read_scalars(run).get("val/loss", [])
+        if val:
+            ax.plot([e[2] / 60 for e in val], [e[1] for e in val], marker=".", label=run.name)
+    for (name, loss), style in zip(SEED.items(), (":", "-.", "--"), strict=True):
+        ax.axhline(loss, color="grey", linestyle=style, linewidth=1, label=f"seed {name}: {loss:.4f} after {SEED_WALL[name]}")
+    ax.axhline(NANOGPT, color="black", linestyle="--", linewidth=1, label=f"nanoGPT: {NANOGPT} (A100)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("training time on this 2-core CPU (minutes, log scale)")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylim(1.3, 3.4)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        ax.figure.savefig(out, dpi=110, bbox_inches="tight")
+    return ax
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m shakegpt.results", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    k = sub.add_parser("keep", help="copy a run's small artifacts into the reference folder")
+    k.add_argument("run_dir")
+    k.add_argument("--name", required=True, help="e.g. v3-seed, v3-improved (the part before '-' names the preset)")
+    k.add_argument("--command", required=True, help="the command that made the run, quoted in the README")
+    k.add_argument("--note", default="", help="anything a reader must know, e.g. where the run was stopped")
+    k.add_argument("--root", default=str(REFERENCE_DIR))
+    t = sub.add_parser("table", help="markdown table of the kept runs")
+    t.add_argument("--root", default=str(REFERENCE_DIR))
+    g = sub.add_parser("plot", help="val loss against time for the kept runs, as an image")
+    g.add_argument("--root", default=str(REFERENCE_DIR))
+    g.add_argument("--out", default="docs/results.png")
+    args = p.parse_args(argv)
+    if args.cmd == "keep":
+        dest = keep(args.run_dir, args.name, args.command, args.root, args.note)
+        print(json.dumps(json.loads((dest / "metrics.json").read_text()), indent=2))
+        print(f"kept in {dest}")
+    elif args.cmd == "table":
+        print(table(args.root))
+    else:
+        plot(args.root, args.out)
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Reference-run artifacts: summaries from event files, `keep`, the table and the plot."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from shakegpt.errors import ConfigError
+from shakegpt.results import keep, last_sample, load_reference, plot, read_scalars, summarize, table
+
+
+@pytest.fixture
+def hydra_run(trained_run, tmp_path):
+    """The shared trained run, given the .hydra/ folder that `python train.py` would have written."""
+    run_dir, cfg, metrics = trained_run
+    hydra = run_dir / ".hydra"
+    hydra.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, hydra / "config.yaml")
+    (hydra / "overrides.yaml").write_text("- trainer.max_steps=6\n")
+    return run_dir, cfg, metrics
+
+
+def test_summary_matches_what_training_returned(trained_run):
+    run_dir, _, metrics = trained_run
+    s = summarize(run_dir)
+    assert s["best_val_loss"] == round(metrics["val/loss_best"], 4)
+    assert s["steps"] == 6 and s["best_step"] in (3, 6)
+    assert 0 < s["seconds_to_best"] <= s["train_seconds"]
+    val = read_scalars(run_dir)["val/loss"]
+    assert [e[0] + 1 for e in val] == [3, 6]  # validations at steps 3 and 6
+
+
+def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
+    run_dir, cfg, metrics = hydra_run
+    dest = keep(run_dir, "v3-test", "python train.py model=v3", tmp_path / "ref", note="a test")
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "config.yaml",
+        "metrics.json",
+        "overrides.yaml",
+        "sample.txt",
+        "tensorboard",
+    ]
+    assert not list(dest.rglob("*.ckpt"))
+    m = json.loads((dest / "metrics.json").read_text())
+    assert m["best_val_loss"] == round(metrics["val/loss_best"], 4)
+    assert m["command"] == "python train.py model=v3" and m["note"] == "a test"
+    assert m["params"] == 414_848 and m["tokens_per_step"] == cfg.data.batch_size * cfg.data.seq_len
+    sample = (dest / "sample.txt").read_text()
+    assert sample == last_sample(run_dir) and len(sample) >= 20 and not sample.startswith("    ")
+    # the kept event files alone give the same summary
+    assert summarize(dest)["best_val_loss"] == m["best_val_loss"]
+    assert load_reference(tmp_path / "ref") == [m]
+    rows = table(tmp_path / "ref").splitlines()
+    assert rows[2].startswith("| v3-test | 0.41 M | 6 / 6 | ") and "| 1.6900 |" in rows[2]  # v3's seed row
+    png = tmp_path / "plot.png"
+    plot(tmp_path / "ref", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path} has no .hydra/config.yaml"):
+        keep(tmp_path, "x", "cmd", tmp_path / "ref")
+    with pytest.raises(ConfigError, match="no TensorBoard event files"):
+        summarize(tmp_path)
