@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import OnExceptionCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -143,13 +143,22 @@ class HParamsWithMetric(L.Callback):
                     writer.add_summary(summary)
 
 
-class InterruptCheckpoint(OnExceptionCheckpoint):
-    """On Ctrl-C, SIGTERM or a crash, save `interrupted.ckpt` (weights, optimizer, schedule, step) so
-    the run can resume with ckpt_path=…. Not after a divergence: those weights are what went wrong."""
+class InterruptCheckpoint(Checkpoint):
+    """On Ctrl-C, SIGTERM or a crash, save `<dirpath>/<filename>.ckpt` (weights, optimizer, schedule,
+    step) so the run can resume with ckpt_path=…. Not after a divergence: those weights are what
+    went wrong. (Lightning's own OnExceptionCheckpoint would also make every later `fit` in the same
+    directory resume silently from whatever checkpoint it finds there; a run resumes only when
+    given ckpt_path.)"""
+
+    def __init__(self, dirpath: str | Path, filename: str = "interrupted"):
+        super().__init__()
+        if not filename:
+            raise ValueError("InterruptCheckpoint needs a filename")
+        self.path = Path(dirpath) / f"{filename}.ckpt"
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, DivergedError):
-            super().on_exception(trainer, pl_module, exception)
+            trainer.save_checkpoint(self.path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

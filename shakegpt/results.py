@@ -158,7 +158,9 @@ def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=Non
         if val:
             ax.plot([e[2] / 60 for e in val], [e[1] for e in val], marker=".", label=run.name)
     for (name, loss), style in zip(SEED.items(), (":", "-.", "--"), strict=True):
-        ax.axhline(loss, color="grey", linestyle=style, linewidth=1, label=f"seed {name}: {loss:.4f} after {SEED_WALL[name]}")
+        ax.axhline(
+            loss, color="grey", linestyle=style, linewidth=1, label=f"seed {name}: {loss:.4f} after {SEED_WALL[name]}"
+        )
     ax.axhline(NANOGPT, color="black", linestyle="--", linewidth=1, label=f"nanoGPT: {NANOGPT} (A100)")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

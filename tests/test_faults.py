@@ -95,3 +95,12 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
         assert torch.allclose(
             torch.tensor([v for _, v in again[tag]]), torch.tensor([v for _, v in after[tag]]), atol=1e-6
         ), tag
+
+
+def test_a_new_run_in_a_used_directory_starts_from_scratch(tmp_path):
+    """Only ckpt_path resumes: a checkpoint left in the run directory is not picked up silently."""
+    train(compose_cfg(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    train(compose_cfg(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6"))
+    steps = [s for s, _, _ in read_scalars(tmp_path / "tensorboard")["train/loss"]]
+    assert sorted(steps).count(0) == 2 and len([s for s in steps if s < 4]) == 8  # both began at step 0

@@ -170,7 +170,8 @@ def test_a_diverging_run_stops_naming_the_step(make_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_to_resume_from(tmp_path, sig):
     out = tmp_path / "run"
     proc = subprocess.Popen(
         train_command(out, "trainer.max_steps=100000", "trainer.val_check_interval=5", "sample.num_chars=5"),
@@ -181,7 +182,7 @@ def test_ctrl_c_saves_a_checkpoint_to_resume_from(tmp_path):
     )
     try:
         wait_for_log(out, "- step 5/")  # training under way: the first validation's log line
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.communicate(timeout=120)
     finally:
         proc.kill()
