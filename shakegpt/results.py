@@ -166,9 +166,9 @@ def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=Non
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("training time on this 2-core CPU (minutes, log scale)")
     ax.set_ylabel("validation loss (nats/char)")
-    ax.set_ylim(1.3, 3.4)
+    ax.set_ylim(1.3, 4.0)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         ax.figure.savefig(out, dpi=110, bbox_inches="tight")
