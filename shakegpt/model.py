@@ -109,35 +109,33 @@ class ByteDropout(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` with a faster CPU path for a single input row, the shape of generation with a KV
-    cache. A one-row fp32 matmul runs on one core and is bound by reading the weight; splitting the
-    weight's output rows into one batch per thread lets every core read its share (about 2x at the
-    v3 shape on 2 cores). Other shapes, dtypes and devices, and anything that needs gradients, take
-    `F.linear` unchanged."""
+    """`F.linear` for the one-token generation step (`GPT._decode`). A one-row fp32 matmul runs on
+    one core and is bound by reading the weight; splitting the weight's output rows into one batch
+    per thread lets every core read its share (about 2x at the v3 shape on 2 cores). Other shapes,
+    dtypes and devices, and anything that needs gradients, take `F.linear` unchanged."""
     out, inp = weight.shape
     k = torch.get_num_threads()
-    if x.numel() != inp or k < 2 or out % k or x.dtype != torch.float32 or x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() or weight.dtype != torch.float32:
+    if (
+        x.numel() != inp
+        or k < 2
+        or out % k
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or x.device.type != "cpu"
+        or torch.is_grad_enabled()
+    ):
         return F.linear(x, weight, bias)
     y = torch.bmm(x.reshape(1, 1, inp).expand(k, 1, inp), weight.view(k, out // k, inp).transpose(1, 2))
     y = y.view(*x.shape[:-1], out)
     return y if bias is None else y + bias
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` that computes with `linear` above (same parameters, same state dict)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
@@ -203,8 +201,8 @@ class KVCache:
 class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.down = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +244,7 @@ class GPT(nn.Module):
         self.drop = ByteDropout(cfg.dropout, cfg.fast_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
         self.apply(self._init_weights)

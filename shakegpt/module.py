@@ -71,6 +71,7 @@ class LitGPT(L.LightningModule):
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         self.train_loss_avg, self.train_acc_avg = MeanMetric(), MeanMetric()
         self.best_val_loss = math.inf
+        self._resume_rng: dict | None = None  # set by on_load_checkpoint, applied at train start
         self._tick: tuple[float, int] | None = None  # (time, step) of the last throughput reading
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -164,7 +165,7 @@ class LitGPT(L.LightningModule):
 
     def on_train_start(self) -> None:
         # restored here, after Lightning's own setup has drawn from the generator
-        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
+        rng, self._resume_rng = self._resume_rng, None
         if rng:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():

@@ -28,9 +28,8 @@ SEED_WALL = {"v1": "5h20m", "v2": "38 min", "v3": "40 min"}  # the seed's own ru
 NANOGPT = 1.4697
 
 
-def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar of a run's TensorBoard event files: tag -> [(step, value, seconds since the
-    run's first event)], in step order. `run_dir` is a run directory or its tensorboard/ folder."""
+def _events(run_dir: str | Path):
+    """A loaded EventAccumulator of a run directory or of its tensorboard/ folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = Path(run_dir)
@@ -39,6 +38,13 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]
         raise ConfigError(f"no TensorBoard event files in {tb}; give a run directory made by train.py")
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
+    return acc
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
+    """Every scalar of a run's TensorBoard event files: tag -> [(step, value, seconds since the
+    run's first event)], in step order. `run_dir` is a run directory or its tensorboard/ folder."""
+    acc = _events(run_dir)
     events = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
     start = min((e[0].wall_time for e in events.values() if e), default=0.0)
     return {tag: [(e.step, e.value, e.wall_time - start) for e in evs] for tag, evs in events.items()}
@@ -46,17 +52,11 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]
 
 def last_sample(run_dir: str | Path) -> str | None:
     """The last text sample a run wrote to TensorBoard, or None."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run_dir = Path(run_dir)
-    tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
-    acc = EventAccumulator(str(tb), size_guidance={"tensors": 0})
-    acc.Reload()
+    acc = _events(run_dir)
     tags = [t for t in acc.Tags()["tensors"] if t.startswith("sample")]
     if not tags:
         return None
-    proto = acc.Tensors(tags[0])[-1].tensor_proto
-    text = proto.string_val[0].decode("utf-8")
+    text = acc.Tensors(tags[0])[-1].tensor_proto.string_val[0].decode("utf-8")
     # the TextSample callback indents every line by four spaces (a markdown code block): undo that
     return "\n".join(line.removeprefix("    ") for line in text.split("\n"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,13 @@ def train_command(out: Path, *args: str) -> list[str]:
         f"hydra.run.dir={out}",
         *args,
     ]
+
+
+def start_training(out: Path, *args: str) -> subprocess.Popen:
+    """`train_command(out, *args)` started in the background, stdout discarded, stderr kept."""
+    return subprocess.Popen(
+        train_command(out, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_log(out: Path, text: str, seconds: float = 120) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from shakegpt.module import LitGPT
 
-from .conftest import ROOT, TINY, train_command, wait_for_log
+from .conftest import ROOT, TINY, start_training, wait_for_log
 from .tb import load_run, scalars
 
 pytestmark = pytest.mark.slow
@@ -83,13 +83,7 @@ def test_two_cpu_processes_then_resume(tmp_path):
 def test_when_one_rank_dies_the_other_exits_soon(tmp_path):
     """kill -9 of rank 1 mid-training: rank 0 must fail within a bounded time, not wait for its peer."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        train_command(out, "trainer.devices=2", "trainer.max_steps=100000", "trainer.val_check_interval=5"),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(out, "trainer.devices=2", "trainer.max_steps=100000", "trainer.val_check_interval=5")
     try:
         wait_for_log(out, "- step 5/")  # training under way on both ranks: the first validation
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()

@@ -13,7 +13,7 @@ from shakegpt.data import CharDataModule
 from shakegpt.module import LitGPT, lr_factor
 from shakegpt.train import train
 
-from .conftest import ROOT, TINY, train_command, wait_for_log
+from .conftest import ROOT, TINY, start_training, wait_for_log
 from .tb import hparams, load_run, scalars, texts
 
 
@@ -173,13 +173,7 @@ def test_a_diverging_run_stops_naming_the_step(make_cfg, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_saves_a_checkpoint_to_resume_from(tmp_path, sig):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        train_command(out, "trainer.max_steps=100000", "trainer.val_check_interval=5", "sample.num_chars=5"),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_training(out, "trainer.max_steps=100000", "trainer.val_check_interval=5", "sample.num_chars=5")
     try:
         wait_for_log(out, "- step 5/")  # training under way: the first validation's log line
         proc.send_signal(sig)
