@@ -90,6 +90,27 @@ def test_nanogpt_preset_is_its_recipe(make_cfg):
     )
 
 
+# the improved recipes of README "Results": (overrides, exact parameters, the most their target allows)
+EXPERIMENTS = [
+    (("model=v3", "experiment=v3_fast"), 7_133_568, 7_231_872),  # v2's exact size, within v3's
+    (("model=nanogpt", "experiment=nanogpt_fast"), 10_647_168, 11_000_000),  # the 2.5-hour target: <= 11 M
+]
+
+
+@pytest.mark.parametrize(("overrides", "params", "limit"), EXPERIMENTS, ids=lambda v: str(v))
+def test_improved_recipes_keep_their_size_and_train(make_cfg, overrides, params, limit):
+    full = make_cfg(*overrides, shrink=False)
+    n = sum(p.numel() for p in GPT(GPTConfig.from_dict(dict(full.model))).parameters())
+    assert n == params <= limit
+    assert full.model.pos_encoding == "rope" and full.optim.schedule == "cosine"
+    if "max_time" in full.trainer:  # a hard stop inside the 2.5-hour budget
+        d, h, m, s = (int(x) for x in full.trainer.max_time.split(":"))
+        assert 0 < ((d * 24 + h) * 60 + m) * 60 + s <= 2.5 * 3600
+    # and the recipe runs (shrunk to seconds on the tiny corpus)
+    metrics = train(make_cfg(*overrides, "~callbacks.checkpoint", "trainer.enable_checkpointing=false"))
+    assert math.isfinite(metrics["val/loss_best"])
+
+
 def test_command_line_overrides_win_over_presets(make_cfg):
     cfg = make_cfg(
         "model=v3",

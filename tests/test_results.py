@@ -1,6 +1,7 @@
 """Reference-run artifacts: summaries from event files, `keep`, the table and the plot."""
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -62,3 +63,21 @@ def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
         keep(tmp_path, "x", "cmd", tmp_path / "ref")
     with pytest.raises(ConfigError, match="no TensorBoard event files"):
         summarize(tmp_path)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("run", sorted(p.parent.name for p in (ROOT / "outputs" / "reference").glob("*/metrics.json")))
+def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
+    """The figures the README quotes are the kept event files' figures, with the exact command."""
+    ref = ROOT / "outputs" / "reference" / run
+    m = json.loads((ref / "metrics.json").read_text())
+    assert m["name"] == run
+    assert {k: m[k] for k in summarize(ref)} == summarize(ref)
+    overrides = OmegaConf.load(ref / "overrides.yaml")
+    assert m["command"].split()[2:] == [str(o) for o in overrides]  # python train.py <the run's overrides>
+    results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
+    rows = [line for line in results.splitlines() if line.startswith(f"| {run} |")]
+    assert len(rows) == 1, f"README's Results table needs one row for {run}"
+    assert f"`{m['command']}`" in rows[0] and f"**{m['best_val_loss']:.4f}**" in rows[0]
