@@ -158,7 +158,7 @@ class InterruptCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, DivergedError):
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resumable
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

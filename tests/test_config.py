@@ -92,6 +92,7 @@ def test_nanogpt_preset_is_its_recipe(make_cfg):
 
 # the improved recipes of README "Results": (overrides, exact parameters, the most their target allows)
 EXPERIMENTS = [
+    (("model=v1", "experiment=v1_fast"), 103_328, 103_328),  # exactly v1's network
     (("model=v3", "experiment=v3_fast"), 7_133_568, 7_231_872),  # v2's exact size, within v3's
     (("model=nanogpt", "experiment=nanogpt_fast"), 10_647_168, 11_000_000),  # the 2.5-hour target: <= 11 M
 ]
