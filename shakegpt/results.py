@@ -28,6 +28,11 @@ SEED_WALL = {"v1": "5h20m", "v2": "38 min", "v3": "40 min"}  # the seed's own ru
 NANOGPT = 1.4697
 
 
+def seed_row(name: str) -> float | None:
+    """The seed's val loss for a kept run named `<preset>-...` (v1-fast -> 1.7002), or None."""
+    return SEED.get(name.split("-")[0])
+
+
 def _events(run_dir: str | Path):
     """A loaded EventAccumulator of a run directory or of its tensorboard/ folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -133,8 +138,8 @@ def table(root: str | Path = REFERENCE_DIR) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for m in load_reference(root):
-        preset = m["name"].split("-")[0]
-        seed = f"{SEED[preset]:.4f}" if preset in SEED else "—"
+        ref = seed_row(m["name"])
+        seed = f"{ref:.4f}" if ref else "—"
         rows.append(
             f"| {m['name']} | {m['params'] / 1e6:.2f} M | {m['steps']:,} / {m['max_steps']:,} | "
             f"{m['best_val_loss']:.4f} | {_hms(m['train_seconds'])} | {seed} | {NANOGPT:.4f} |"

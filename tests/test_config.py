@@ -102,7 +102,8 @@ EXPERIMENTS = [
 def test_improved_recipes_keep_their_size_and_train(make_cfg, overrides, params, limit):
     full = make_cfg(*overrides, shrink=False)
     n = sum(p.numel() for p in GPT(GPTConfig.from_dict(dict(full.model))).parameters())
-    assert n == params <= limit
+    assert n <= limit, f"{n:,} parameters, more than the {limit:,} the recipe's target allows"
+    assert n == params
     assert full.model.pos_encoding == "rope" and full.optim.schedule == "cosine"
     if "max_time" in full.trainer:  # a hard stop inside the 2.5-hour budget
         d, h, m, s = (int(x) for x in full.trainer.max_time.split(":"))

@@ -12,7 +12,7 @@ from shakegpt.callbacks import AtomicCheckpointIO
 from shakegpt.results import read_scalars
 from shakegpt.train import train
 
-from .conftest import ROOT, compose_cfg, train_command
+from .conftest import ROOT, compose_cfg, start_training, train_command
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
@@ -45,9 +45,8 @@ def test_same_seed_same_config_same_run(tmp_path):
         assert len(a) >= 2 and a == b, tag  # bit for bit, on the CPU
 
 
-def _train_command(out, steps, *extra):
-    return train_command(
-        out,
+def _args(steps, *extra):
+    return (
         "model.dropout=0.1",  # so the resumed run must also restore the random state dropout draws from
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=4",
@@ -62,11 +61,11 @@ def _train_command(out, steps, *extra):
 def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
     steps = 60
     whole = tmp_path / "whole"
-    subprocess.run(_train_command(whole, steps), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    subprocess.run(train_command(whole, *_args(steps)), cwd=ROOT, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
-    proc = subprocess.Popen(_train_command(killed, steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_training(killed, *_args(steps))
     try:
         for _ in range(1200):  # kill -9 once a checkpoint past step 8 exists: no handler runs, no save
             if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 8:
@@ -83,7 +82,11 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
 
     resumed = tmp_path / "resumed"
     subprocess.run(
-        _train_command(resumed, steps, f"ckpt_path={last}"), cwd=ROOT, check=True, capture_output=True, timeout=600
+        train_command(resumed, *_args(steps, f"ckpt_path={last}")),
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     a, b = read_scalars(whole / "tensorboard"), read_scalars(resumed / "tensorboard")
     after = {tag: [(s, v) for s, v, _ in a[tag] if s >= resumed_from] for tag in ("train/loss", "val/loss")}

@@ -74,7 +74,8 @@ def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     ref = ROOT / "outputs" / "reference" / run
     m = json.loads((ref / "metrics.json").read_text())
     assert m["name"] == run
-    assert {k: m[k] for k in summarize(ref)} == summarize(ref)
+    s = summarize(ref)
+    assert {k: m[k] for k in s} == s
     overrides = OmegaConf.load(ref / "overrides.yaml")
     assert m["command"].split()[2:] == [str(o) for o in overrides]  # python train.py <the run's overrides>
     results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
