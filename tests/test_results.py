@@ -9,6 +9,8 @@ from omegaconf import OmegaConf
 from shakegpt.errors import ConfigError
 from shakegpt.results import keep, last_sample, load_reference, plot, read_scalars, summarize, table
 
+from .conftest import compose_cfg
+
 
 @pytest.fixture
 def hydra_run(trained_run, tmp_path):
@@ -78,6 +80,12 @@ def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     assert {k: m[k] for k in s} == s
     overrides = OmegaConf.load(ref / "overrides.yaml")
     assert m["command"].split()[2:] == [str(o) for o in overrides]  # python train.py <the run's overrides>
+    # ... and that command, run today, trains what the kept run trained
+    kept = OmegaConf.load(ref / "config.yaml")
+    now = compose_cfg(ROOT / "outputs", *[str(o) for o in overrides], shrink=False)
+    assert now.seed == kept.seed
+    for group in ("model", "optim", "data", "trainer"):
+        assert OmegaConf.to_container(now[group]) == OmegaConf.to_container(kept[group]), group
     results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
     rows = [line for line in results.splitlines() if line.startswith(f"| {run} |")]
     assert len(rows) == 1, f"README's Results table needs one row for {run}"
