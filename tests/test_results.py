@@ -70,6 +70,15 @@ def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
+    """`python train.py <overrides>` composes today to the config the kept run `ref` trained with."""
+    kept = OmegaConf.load(ref / "config.yaml")
+    now = compose_cfg(ROOT / "outputs", *overrides, shrink=False)
+    assert now.seed == kept.seed
+    for group in ("model", "optim", "data", "trainer", "callbacks"):
+        assert OmegaConf.to_container(now[group]) == OmegaConf.to_container(kept[group]), group
+
+
 @pytest.mark.parametrize("run", sorted(p.parent.name for p in (ROOT / "outputs" / "reference").glob("*/metrics.json")))
 def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     """The figures the README quotes are the kept event files' figures, with the exact command."""
@@ -81,12 +90,19 @@ def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     overrides = OmegaConf.load(ref / "overrides.yaml")
     assert m["command"].split()[2:] == [str(o) for o in overrides]  # python train.py <the run's overrides>
     # ... and that command, run today, trains what the kept run trained
-    kept = OmegaConf.load(ref / "config.yaml")
-    now = compose_cfg(ROOT / "outputs", *[str(o) for o in overrides], shrink=False)
-    assert now.seed == kept.seed
-    for group in ("model", "optim", "data", "trainer"):
-        assert OmegaConf.to_container(now[group]) == OmegaConf.to_container(kept[group]), group
+    assert_trains_as_kept(ref, [str(o) for o in overrides])
     results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
     rows = [line for line in results.splitlines() if line.startswith(f"| {run} |")]
     assert len(rows) == 1, f"README's Results table needs one row for {run}"
     assert f"`{m['command']}`" in rows[0] and f"**{m['best_val_loss']:.4f}**" in rows[0]
+
+
+# experiment configs that stand for a kept run's longer command line (the README names both)
+SHORT_COMMANDS = {"nanogpt-ema": ["model=nanogpt", "experiment=nanogpt_ema"]}
+
+
+@pytest.mark.parametrize(("run", "overrides"), SHORT_COMMANDS.items())
+def test_experiment_configs_train_as_their_kept_runs(run, overrides):
+    assert_trains_as_kept(ROOT / "outputs" / "reference" / run, overrides)
+    results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
+    assert f"python train.py {' '.join(overrides)}" in results
