@@ -70,6 +70,11 @@ def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def readme_results() -> str:
+    """The README's Results section."""
+    return (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
+
+
 def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     """`python train.py <overrides>` composes today to the config the kept run `ref` trained with."""
     kept = OmegaConf.load(ref / "config.yaml")
@@ -87,12 +92,11 @@ def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     assert m["name"] == run
     s = summarize(ref)
     assert {k: m[k] for k in s} == s
-    overrides = OmegaConf.load(ref / "overrides.yaml")
-    assert m["command"].split()[2:] == [str(o) for o in overrides]  # python train.py <the run's overrides>
+    overrides = [str(o) for o in OmegaConf.load(ref / "overrides.yaml")]
+    assert m["command"].split()[2:] == overrides  # python train.py <the run's overrides>
     # ... and that command, run today, trains what the kept run trained
-    assert_trains_as_kept(ref, [str(o) for o in overrides])
-    results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
-    rows = [line for line in results.splitlines() if line.startswith(f"| {run} |")]
+    assert_trains_as_kept(ref, overrides)
+    rows = [line for line in readme_results().splitlines() if line.startswith(f"| {run} |")]
     assert len(rows) == 1, f"README's Results table needs one row for {run}"
     assert f"`{m['command']}`" in rows[0] and f"**{m['best_val_loss']:.4f}**" in rows[0]
 
@@ -104,5 +108,4 @@ SHORT_COMMANDS = {"nanogpt-ema": ["model=nanogpt", "experiment=nanogpt_ema"]}
 @pytest.mark.parametrize(("run", "overrides"), SHORT_COMMANDS.items())
 def test_experiment_configs_train_as_their_kept_runs(run, overrides):
     assert_trains_as_kept(ROOT / "outputs" / "reference" / run, overrides)
-    results = (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
-    assert f"python train.py {' '.join(overrides)}" in results
+    assert f"python train.py {' '.join(overrides)}" in readme_results()
