@@ -99,6 +99,9 @@ def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     rows = [line for line in readme_results().splitlines() if line.startswith(f"| {run} |")]
     assert len(rows) == 1, f"README's Results table needs one row for {run}"
     assert f"`{m['command']}`" in rows[0] and f"**{m['best_val_loss']:.4f}**" in rows[0]
+    steps = rows[0].split(" | ")[3]  # | run | command | params | steps | ...
+    done = f"{m['steps']:,}" if m["steps"] == m["max_steps"] else f"{m['steps']:,} of {m['max_steps']:,}"
+    assert steps.split(" (")[0] == done, f"README says {steps!r} steps for {run}, its events {done!r}"
 
 
 # experiment configs that stand for a kept run's longer command line (the README names both)
