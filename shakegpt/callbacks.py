@@ -5,6 +5,7 @@ checkpoint writer that never leaves a truncated file."""
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import math
 import os
@@ -15,11 +16,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from shakegpt.errors import DivergedError
+from shakegpt.errors import ShakeGPTError
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +144,49 @@ class HParamsWithMetric(L.Callback):
                     writer.add_summary(summary)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last.ckpt` is the state of the latest validation and of the end of the
+    run, whether or not val loss improved. (Lightning 2.6 writes `last` only beside a new best, so a
+    run whose val loss has turned up would leave `last.ckpt` at its best step.) Best-by-val-loss
+    checkpoints are kept as ModelCheckpoint keeps them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # a second run in the same directory is refused before it starts, so `last.ckpt` is always
+        # this run's: never `last-v1.ckpt` beside another run's
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        self._last_step_written: int | None = None
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step_written = trainer.global_step
+
+    def _write_last(self, trainer: L.Trainer) -> None:
+        if (
+            self.save_last
+            and not trainer.sanity_checking
+            and trainer.state.fn == "fit"
+            and trainer.global_step > 0
+            and self._last_step_written != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._write_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._write_last(trainer)
+
+
 class InterruptCheckpoint(Checkpoint):
     """On Ctrl-C, SIGTERM or a crash, save `<dirpath>/<filename>.ckpt` (weights, optimizer, schedule,
-    step) so the run can resume with ckpt_path=…. Not after a divergence: those weights are what
-    went wrong. (Lightning's own OnExceptionCheckpoint would also make every later `fit` in the same
-    directory resume silently from whatever checkpoint it finds there; a run resumes only when
-    given ckpt_path.)"""
+    step) so the run can resume with ckpt_path=…. Not before the first step (nothing to keep), not
+    after a divergence (those weights are what went wrong) and not on a full or read-only disk (it
+    cannot be written; the last good checkpoint stays). (Lightning's own OnExceptionCheckpoint would
+    also make every later `fit` in the same directory resume silently from whatever checkpoint it
+    finds there; a run resumes only when given ckpt_path.)"""
 
     def __init__(self, dirpath: str | Path, filename: str = "interrupted"):
         super().__init__()
@@ -157,8 +195,14 @@ class InterruptCheckpoint(Checkpoint):
         self.path = Path(dirpath) / f"{filename}.ckpt"
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, DivergedError):
+        if trainer.global_step == 0 or isinstance(exception, ShakeGPTError):
+            return
+        if isinstance(exception, OSError) and exception.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
+            return
+        try:
             trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resumable
+        except OSError as e:  # the failure being handled is the one to report
+            log.warning("could not write %s: %s", self.path, e)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -179,5 +223,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
+        except OSError as e:  # name the checkpoint, not the temporary file or the open stream
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         finally:
             tmp.unlink(missing_ok=True)

@@ -12,7 +12,9 @@ loads with neither Lightning nor Hydra:
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,73 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not p.is_file():
         raise CheckpointError(f"ckpt_path={path} does not exist; give a .ckpt file or a run directory")
     return p
+
+
+def step_of(path: Path) -> int:
+    """A checkpoint's global_step, read without loading its tensors; -1 if unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+    except Exception:
+        return -1
+
+
+def resolve_resume(path: str | Path) -> Path:
+    """The checkpoint to resume training from: a file as given, or for a run directory (or its
+    checkpoints/) the later of `last.ckpt` and `interrupted.ckpt` by step: the run's latest state."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        folder = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+        found = [folder / n for n in ("last.ckpt", "interrupted.ckpt") if (folder / n).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"ckpt_path={path} is a directory without last.ckpt or interrupted.ckpt in {folder}; "
+                "give a run directory or a checkpoint file"
+            )
+        return max(found, key=lambda f: (step_of(f), f.stat().st_mtime))
+    if not p.is_file():
+        raise CheckpointError(f"ckpt_path={path} does not exist; give a .ckpt file or a run directory")
+    return p
+
+
+# what a checkpoint's weights are laid out by (dropout or the learning rate may change on resume)
+ARCHITECTURE = (
+    "vocab_size",
+    "d_model",
+    "n_layer",
+    "n_head",
+    "d_ff",
+    "bias",
+    "tie_weights",
+    "pos_encoding",
+    "max_seq_len",
+)
+
+
+def check_resumable(path: str | Path, model: GPTConfig, max_steps: int) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint file, its hyperparameters) for resuming a run of `model` up to `max_steps`:
+    the file holds the full training state, the same architecture, and a step before max_steps."""
+    f = resolve_resume(path)
+    ckpt = read_checkpoint(f)
+    hp = ckpt["hyper_parameters"]
+    try:
+        theirs, ours = GPTConfig.from_dict(dict(hp["model"])).to_dict(), model.to_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"ckpt_path={f}: its model config is invalid: {e}") from None
+    differ = [f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in ARCHITECTURE if theirs[k] != ours[k]]
+    if differ:
+        raise ConfigError(f"ckpt_path={f} is from a different model ({'; '.join(differ)}); resume with its config")
+    if not ckpt.get("optimizer_states") or "global_step" not in ckpt:
+        raise CheckpointError(
+            f"ckpt_path={f} holds weights only, not a training state (optimizer, step); it can be sampled or "
+            "evaluated but not resumed"
+        )
+    step = ckpt["global_step"]
+    if step >= max_steps:
+        raise ConfigError(
+            f"ckpt_path={f} is at step {step} and trainer.max_steps={max_steps}: that run has already finished; "
+            f"raise trainer.max_steps above {step} to train it further"
+        )
+    return f, hp
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -81,21 +150,39 @@ def _load_weights(model: GPT, load, origin: str | Path) -> None:
         ) from None
 
 
-def export_bundle(ckpt_path: str | Path, out_dir: str | Path) -> Path:
-    """Write `model.safetensors`, `config.json` and `tokenizer.json` for the checkpoint into `out_dir`."""
+BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def export_bundle(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `model.safetensors`, `config.json` and `tokenizer.json` for the checkpoint into `out_dir`.
+    An existing bundle there is replaced only with `overwrite`; the files are written beside it first
+    and moved into place at the end, so a failed export leaves what was there."""
+    out = Path(out_dir).expanduser()
+    existing = [n for n in BUNDLE_FILES if (out / n).exists()]
+    if existing and not overwrite:
+        raise CheckpointError(
+            f"{out} already holds a bundle ({', '.join(existing)}); choose another folder, or pass --force to replace it"
+        )
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file, not a folder; choose a folder for the bundle")
     model, tokenizer, _ = model_from_checkpoint(ckpt_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / "model.safetensors"))  # handles the tied head/embedding matrix
-    (out / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    tokenizer.save(out / "tokenizer.json")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+            save_model(model, str(Path(tmp) / "model.safetensors"))  # handles the tied head/embedding matrix
+            (Path(tmp) / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+            tokenizer.save(Path(tmp) / "tokenizer.json")
+            for name in BUNDLE_FILES:
+                os.replace(Path(tmp) / name, out / name)
+    except OSError as e:
+        raise CheckpointError(f"the bundle could not be written to {out}: {e.strerror or e}") from None
     return out
 
 
 def load_bundle(path: str | Path) -> tuple[GPT, CharTokenizer]:
     """(model in eval mode, tokenizer) from a directory written by `export_bundle`."""
     p = Path(path).expanduser()
-    missing = [n for n in ("model.safetensors", "config.json", "tokenizer.json") if not (p / n).is_file()]
+    missing = [n for n in BUNDLE_FILES if not (p / n).is_file()]
     if missing:
         raise CheckpointError(f"bundle {p} lacks {', '.join(missing)}; export one with python -m shakegpt.export")
     try:

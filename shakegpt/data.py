@@ -18,7 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from shakegpt.errors import ConfigError, DataError
+from shakegpt.checks import check_data
+from shakegpt.errors import DataError
 from shakegpt.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,14 @@ def read_corpus(path: Path) -> str:
     return text
 
 
+def smallest_id_dtype(vocab_size: int) -> torch.dtype:
+    """The narrowest integer type that holds every id (one byte per character for tinyshakespeare)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if vocab_size - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int64
+
+
 class RandomWindows(IterableDataset):
     """Endless batches of random windows. Batch number n on rank r is drawn from its own generator
     seeded by (seed, r, n), so the stream is reproducible, differs across ranks, and resumes
@@ -156,11 +165,7 @@ class CharDataModule(L.LightningDataModule):
     ):
         """`vocab`: encode with this vocabulary (a checkpoint's) instead of the corpus's own."""
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{name}={value!r} is invalid; it must be a positive integer")
-        if not 0.0 < val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={val_fraction!r} is invalid; it must be in (0, 1)")
+        check_data(batch_size, seq_len, val_fraction, num_workers)
         self.path, self.cache_dir, self.url, self.sha256 = path, cache_dir, url, sha256
         self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
         self.seed, self.num_workers, self.vocab = seed, num_workers, vocab
@@ -180,7 +185,7 @@ class CharDataModule(L.LightningDataModule):
         self.tokenizer = CharTokenizer(self.vocab) if self.vocab is not None else CharTokenizer.from_text(text)
         ids = self.tokenizer.encode(text)
         # one byte per character while the vocabulary fits, widened per batch
-        ids = ids.to(torch.uint8 if self.tokenizer.vocab_size <= 256 else torch.int16)
+        ids = ids.to(smallest_id_dtype(self.tokenizer.vocab_size))
         n_train = int(len(ids) * (1 - self.val_fraction))
         self.train_ids, self.val_ids = ids[:n_train], ids[n_train:]
         for split, part in (("train", self.train_ids), ("val", self.val_ids)):

@@ -20,6 +20,11 @@ class DivergedError(ShakeGPTError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class TrainingFailed(ShakeGPTError, RuntimeError):
+    """Training stopped after it had started (a full disk, a lost DDP rank, out of memory); the
+    message says what happened and which checkpoint to resume from, the cause is chained."""
+
+
 class CheckpointError(ShakeGPTError, RuntimeError):
     """A checkpoint or exported bundle is missing, unreadable, or does not fit its model."""
 

@@ -17,8 +17,9 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from shakegpt.checkpoint import read_checkpoint, resolve_checkpoint
+from shakegpt.checks import check_writable
 from shakegpt.data import CharDataModule
-from shakegpt.errors import CheckpointError, exit_on_user_error
+from shakegpt.errors import CheckpointError, ConfigError, DataError, exit_on_user_error
 from shakegpt.hardware import resolve_precision
 from shakegpt.module import LitGPT
 from shakegpt.train import CONF_DIR
@@ -40,7 +41,7 @@ def full_val_pass(module: LitGPT, datamodule: CharDataModule, precision: str) ->
     return metrics, time.perf_counter() - t
 
 
-def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -> dict:
+def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", allow_unk: bool = False) -> dict:
     ckpt_file = resolve_checkpoint(path)
     ckpt = read_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
     try:
@@ -54,6 +55,15 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -
     data = dict(data)
     data["seq_len"] = data.get("seq_len") or module.config.max_seq_len
     dm = CharDataModule(**data, vocab=module.tokenizer.chars)
+    dm.setup("validate")
+    unk = dm.val_ids == module.tokenizer.unk_id
+    unk_share = unk.float().mean().item()
+    if unk_share > 0 and not allow_unk:
+        raise DataError(
+            f"{unk_share:.1%} of the validation characters of {dm.corpus_path} are outside the vocabulary of "
+            f"{ckpt_file} (they would all be <unk>), so its val loss would not measure that text; evaluate on the "
+            "corpus the model was trained on (data.path), or pass allow_unk=true to evaluate anyway"
+        )
     precision = resolve_precision(precision, "cpu", module.config.d_model)
     metrics, seconds = full_val_pass(module, dm, precision)
     return {
@@ -62,6 +72,7 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto") -
         "val_loss": metrics["val/loss"],
         "val_bpc": metrics["val/bpc"],
         "val_acc": metrics["val/acc"],
+        "unk_share": unk_share,
         "precision": precision,
         "seq_len": data["seq_len"],
         "val_windows": (len(dm.val_ids) - 1) // data["seq_len"],
@@ -80,11 +91,20 @@ def table(rows: list[dict]) -> str:
 def evaluate(cfg: DictConfig) -> list[dict]:
     paths = list(cfg.ckpt_path) if isinstance(cfg.ckpt_path, (list, ListConfig)) else [cfg.ckpt_path]
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"}
+    if cfg.out:  # before the work, not after it
+        check_writable(Path(cfg.out).expanduser().parent, "out")
     L.seed_everything(cfg.seed, verbose=False)
-    rows = [evaluate_checkpoint(p, data, cfg.precision) for p in paths]
+    allow_unk = bool(cfg.get("allow_unk", False))
+    rows = [evaluate_checkpoint(p, data, cfg.precision, allow_unk) for p in paths]
     print(table(rows))
+    for r in rows:
+        if r["unk_share"] > 0:
+            print(f"warning: {r['unk_share']:.1%} of the validation characters are <unk> for {r['ckpt']}")
     if cfg.out:
-        Path(cfg.out).write_text(json.dumps(rows, indent=2))
+        try:
+            Path(cfg.out).expanduser().write_text(json.dumps(rows, indent=2))
+        except OSError as e:
+            raise ConfigError(f"out={cfg.out} could not be written: {e.strerror or e}") from None
         print(f"written: {cfg.out}")
     return rows
 

@@ -8,6 +8,7 @@ compute the same thing: with the same generator they draw the same tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -18,13 +19,14 @@ from shakegpt.model import GPT, KVCache
 from shakegpt.tokenizer import CharTokenizer
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature > 0:
-        raise ConfigError(f"temperature={temperature!r} is invalid; it must be > 0")
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
+    """Refuse sampling settings that cannot work, naming the key (`prefix` + name) and the value."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ConfigError(f"{prefix}temperature={temperature!r} is invalid; it must be > 0")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"top_k={top_k!r} is invalid; it must be an integer >= 1, or null for no limit")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p!r} is invalid; it must be in (0, 1], or null for no limit")
+        raise ConfigError(f"{prefix}top_k={top_k!r} is invalid; it must be an integer >= 1, or null for no limit")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ConfigError(f"{prefix}top_p={top_p!r} is invalid; it must be in (0, 1], or null for no limit")
 
 
 def sample_next(
@@ -35,7 +37,10 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> one sampled id per row, (B, 1)."""
-    logits = logits.float() / temperature
+    # shifted so the largest logit is 0 before dividing: a tiny temperature gives -inf for the others
+    # (greedy choice) instead of inf - inf = nan
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

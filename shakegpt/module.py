@@ -6,6 +6,7 @@ string), so `LitGPT.load_from_checkpoint(path)` works without Hydra or the datas
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -14,12 +15,19 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from shakegpt.checks import check_optim
 from shakegpt.errors import ConfigError, DivergedError
 from shakegpt.generate import stream_text
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.tokenizer import CharTokenizer
 
 LN2 = math.log(2.0)
+log = logging.getLogger(__name__)
+
+
+def _plain(v):
+    """Lists and tuples compare equal as the same numbers (the config gives lists, torch tuples)."""
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str) -> float:
@@ -35,9 +43,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: st
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-SCHEDULES = ("cosine", "constant")
-
-
 class LitGPT(L.LightningModule):
     def __init__(
         self,
@@ -51,12 +56,16 @@ class LitGPT(L.LightningModule):
         schedule: str = "cosine",
     ):
         super().__init__()
-        if not lr > 0:
-            raise ConfigError(f"optim.lr={lr!r} is invalid; it must be > 0")
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-        if warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={warmup_steps!r} is invalid; it must be >= 0")
+        check_optim(
+            {
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "betas": betas,
+                "warmup_steps": warmup_steps,
+                "min_lr_ratio": min_lr_ratio,
+                "schedule": schedule,
+            }
+        )
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
         self.config = GPTConfig.from_dict(dict(model))
@@ -162,6 +171,41 @@ class LitGPT(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_val_loss = checkpoint.get("best_val_loss", math.inf)
         self._resume_rng = checkpoint.get("rng_state")
+        if self._trainer is not None and checkpoint.get("optimizer_states"):
+            self._optimizer_settings_from_this_run(checkpoint)
+
+    def _optimizer_settings_from_this_run(self, checkpoint: dict) -> None:
+        """A resumed run takes the optimizer's moments, the step and the schedule's position from the
+        checkpoint, and its settings (lr, betas, weight decay, warmup, schedule, min_lr_ratio) from
+        this run's config. Lightning would restore the saved ones silently (the optimizer's param
+        groups and the scheduler's base lr are in the checkpoint), while the run's config and HParams
+        record the new ones: rewrite them here, before Lightning loads them."""
+        hp, step = self.hparams, checkpoint["global_step"]
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else step
+        lr_now = hp.lr * lr_factor(step, hp.warmup_steps, total, hp.min_lr_ratio, hp.schedule)
+        for opt_state in checkpoint["optimizer_states"]:
+            for i, group in enumerate(opt_state["param_groups"]):
+                group.update(lr=lr_now, initial_lr=hp.lr, betas=tuple(hp.betas))
+                group["weight_decay"] = hp.weight_decay if i == 0 else 0.0  # see `adamw`: matrices, then the rest
+        for sched in checkpoint.get("lr_schedulers", []):
+            sched["base_lrs"] = [hp.lr] * len(sched["base_lrs"])
+            sched["_last_lr"] = [lr_now] * len(sched["base_lrs"])
+        before = checkpoint.get("hyper_parameters", {})
+        changed = [
+            f"optim.{k} {before[k]!r} -> {hp[k]!r}"
+            for k in ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "schedule")
+            if k in before and _plain(before[k]) != _plain(hp[k])
+        ]
+        changed += [
+            f"model.{k} {before['model'][k]!r} -> {hp.model[k]!r}"
+            for k in ("dropout", "attn_dropout")
+            if k in before.get("model", {}) and before["model"][k] != hp.model.get(k)
+        ]
+        log.info(
+            "resuming at step %d; settings from this run's config: %s",
+            step,
+            "; ".join(changed) if changed else "the same as the checkpoint's",
+        )
 
     def on_train_start(self) -> None:
         # restored here, after Lightning's own setup has drawn from the generator

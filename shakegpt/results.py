@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -84,8 +85,17 @@ def summarize(run_dir: str | Path) -> dict:
     }
 
 
-def keep(run_dir: str | Path, name: str, command: str, dest_root: str | Path = REFERENCE_DIR, note: str = "") -> Path:
-    """Copy a run's small artifacts to `dest_root/name` and write its metrics.json."""
+def keep(
+    run_dir: str | Path,
+    name: str,
+    command: str,
+    dest_root: str | Path = REFERENCE_DIR,
+    note: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Copy a run's small artifacts to `dest_root/name` and write its metrics.json. Everything is
+    gathered in a temporary folder first; a kept run of the same name is replaced only with
+    `overwrite`, and only once the new one is complete."""
     from shakegpt.model import GPT, GPTConfig, seed_formula_params
 
     run_dir = Path(run_dir)
@@ -93,31 +103,44 @@ def keep(run_dir: str | Path, name: str, command: str, dest_root: str | Path = R
     if not config.is_file():
         raise ConfigError(f"{run_dir} has no .hydra/config.yaml; give a run directory made by train.py")
     dest = Path(dest_root) / name
-    if dest.exists():
-        shutil.rmtree(dest)
-    (dest / "tensorboard").mkdir(parents=True)
-    for f in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
-        shutil.copy2(f, dest / "tensorboard" / f.name)
-    shutil.copy2(config, dest / "config.yaml")
-    shutil.copy2(run_dir / ".hydra" / "overrides.yaml", dest / "overrides.yaml")
-    if (run_dir / "train.log").is_file():
-        shutil.copy2(run_dir / "train.log", dest / "train.log")
-    sample = last_sample(run_dir)
-    if sample:
-        (dest / "sample.txt").write_text(sample)
+    if dest.exists() and not overwrite:
+        raise ConfigError(
+            f"a kept run named {name!r} exists in {dest_root}; choose another --name, or pass --force to replace it"
+        )
+    summary = summarize(run_dir)  # refuses a run that has not validated, before anything is touched
     cfg = OmegaConf.load(config)  # as Hydra saved it: paths still refer to ${hydra:...}, so resolve parts
     model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
     metrics = {
         "name": name,
         "command": command,
-        **summarize(run_dir),
+        **summary,
         "max_steps": cfg.trainer.max_steps,
         "params": model.num_params(),
         "seed_formula_params": seed_formula_params(model.cfg, cfg.data.seq_len),
         "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
         "note": note,
     }
-    (dest / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    try:
+        Path(dest_root).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest_root, prefix=f".{name}-") as tmp:
+            new = Path(tmp) / name
+            (new / "tensorboard").mkdir(parents=True)
+            for f in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
+                shutil.copy2(f, new / "tensorboard" / f.name)
+            shutil.copy2(config, new / "config.yaml")
+            shutil.copy2(run_dir / ".hydra" / "overrides.yaml", new / "overrides.yaml")
+            if (run_dir / "train.log").is_file():
+                shutil.copy2(run_dir / "train.log", new / "train.log")
+            sample = last_sample(run_dir)
+            if sample:
+                (new / "sample.txt").write_text(sample)
+            (new / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            old = Path(tmp) / "replaced"
+            if dest.exists():
+                dest.rename(old)  # removed with the temporary folder once the new one is in place
+            new.rename(dest)
+    except OSError as e:
+        raise ConfigError(f"the run could not be kept in {dest}: {e.strerror or e}") from None
     return dest
 
 
@@ -175,8 +198,11 @@ def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=Non
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        ax.figure.savefig(out, dpi=110, bbox_inches="tight")
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            ax.figure.savefig(out, dpi=110, bbox_inches="tight")
+        except OSError as e:
+            raise ConfigError(f"--out {out} could not be written: {e.strerror or e}") from None
     return ax
 
 
@@ -190,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--command", required=True, help="the command that made the run, quoted in the README")
     k.add_argument("--note", default="", help="anything a reader must know, e.g. where the run was stopped")
     k.add_argument("--root", default=str(REFERENCE_DIR))
+    k.add_argument("--force", action="store_true", help="replace a kept run of the same name")
     t = sub.add_parser("table", help="markdown table of the kept runs")
     t.add_argument("--root", default=str(REFERENCE_DIR))
     g = sub.add_parser("plot", help="val loss against time for the kept runs, as an image")
@@ -197,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--out", default="docs/results.png")
     args = p.parse_args(argv)
     if args.cmd == "keep":
-        dest = keep(args.run_dir, args.name, args.command, args.root, args.note)
+        dest = keep(args.run_dir, args.name, args.command, args.root, args.note, overwrite=args.force)
         print(json.dumps(json.loads((dest / "metrics.json").read_text()), indent=2))
         print(f"kept in {dest}")
     elif args.cmd == "table":

@@ -30,9 +30,27 @@ def load_any(path: str) -> tuple[GPT, CharTokenizer]:
     return model, tokenizer
 
 
+def check_device(device: str) -> torch.device:
+    """`device` as a torch device that this machine has, or one line saying why not."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but this machine has no usable GPU; use device=cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device={device} but this machine has {torch.cuda.device_count()} GPU(s): use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    if d.type not in ("cpu", "cuda", "mps") or (d.type == "mps" and not torch.backends.mps.is_available()):
+        raise ConfigError(f"device={device} is not available here; use device=cpu")
+    return d
+
+
 def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
     """Write `num_samples` samples to `out` as they are generated; return them."""
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    device = check_device(cfg.device)
     if cfg.num_chars < 0 or cfg.num_samples < 1:
         raise ConfigError(f"num_chars={cfg.num_chars} must be >= 0 and num_samples={cfg.num_samples} >= 1")
     prompt = cfg.prompt
@@ -48,8 +66,8 @@ def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
             f"the prompt has characters outside the model's vocabulary: {unknown}; it knows "
             f"{''.join(tokenizer.chars)!r} (or pass allow_unk=true to read them as <unk>)"
         )
-    model.to(cfg.device)
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    model.to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     texts = []
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:

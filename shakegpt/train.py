@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,17 @@ from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
-from shakegpt.checkpoint import read_checkpoint
-from shakegpt.errors import ConfigError, ShakeGPTError
+from shakegpt.checkpoint import check_resumable
+from shakegpt.checks import check_train_config
+from shakegpt.errors import ConfigError, ShakeGPTError, TrainingFailed
+from shakegpt.failures import describe_failure
 from shakegpt.hardware import physical_cores, resolve_precision
-from shakegpt.model import GPTConfig, seed_formula_params
+from shakegpt.model import seed_formula_params
 from shakegpt.module import LitGPT
+from shakegpt.rundir import PrepareRun  # noqa: F401  (registers the path_safe resolver the sweep config uses)
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# a sweep job's directory is named by its overrides; a group path's "/" must not nest directories
-OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "-"), replace=True)
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -82,61 +84,18 @@ def log_param_counts(module: LitGPT, seq_len: int) -> dict[str, int]:
     return {"params_exact": exact, "params_seed_formula": seed}
 
 
-def check_trainer(tcfg: DictConfig) -> None:
-    """Refuse step counts and device counts that cannot work, naming the value."""
-    steps = tcfg.get("max_steps")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+def check_vocabulary(ckpt_path: Path, ckpt_vocab: str, vocab: str) -> None:
+    """A checkpoint to resume from must have been trained on this corpus's vocabulary."""
+    if ckpt_vocab != vocab:
         raise ConfigError(
-            f"trainer.max_steps={steps!r} is invalid; it must be a positive integer "
-            "(training batches are an endless stream, so a run needs a step count)"
-        )
-    devices, accelerator = tcfg.get("devices"), str(tcfg.get("accelerator"))
-    gpu_wanted = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer.accelerator={accelerator} but this machine has no usable GPU; use trainer.accelerator=cpu or auto"
-        )
-    if isinstance(devices, int) and not isinstance(devices, bool):
-        available = torch.cuda.device_count() if gpu_wanted else (os.cpu_count() or 1)
-        kind = "GPUs" if gpu_wanted else "CPU cores (one process per device)"
-        if devices < 1 or devices > available:
-            raise ConfigError(
-                f"trainer.devices={devices} is invalid; this machine has {available} {kind}: use 1 to {available}"
-            )
-
-
-# what a checkpoint's weights are laid out by (dropout or the learning rate may change on resume)
-ARCHITECTURE = (
-    "vocab_size",
-    "d_model",
-    "n_layer",
-    "n_head",
-    "d_ff",
-    "bias",
-    "tie_weights",
-    "pos_encoding",
-    "max_seq_len",
-)
-
-
-def check_resume(ckpt_path: str, module: LitGPT) -> None:
-    """A checkpoint to resume from must hold the same model and vocabulary as this run."""
-    hp = read_checkpoint(ckpt_path)["hyper_parameters"]
-    theirs, ours = GPTConfig.from_dict(dict(hp["model"])).to_dict(), module.config.to_dict()
-    differ = [f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in ARCHITECTURE if theirs[k] != ours[k]]
-    if differ:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} is from a different model ({'; '.join(differ)}); resume with its config"
-        )
-    if hp["vocab"] != module.hparams.vocab:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} was trained on a vocabulary of {len(hp['vocab'])} characters, this corpus has "
-            f"{len(module.hparams.vocab)}; resume with the corpus it was trained on (data.path)"
+            f"ckpt_path={ckpt_path} was trained on a vocabulary of {len(ckpt_vocab)} characters, this corpus has "
+            f"{len(vocab)}; resume with the corpus it was trained on (data.path)"
         )
 
 
 def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, float]:
     """Fit the model that `cfg` describes; return the final callback metrics as floats."""
+    check_train_config(cfg, cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     datamodule.prepare_data()
@@ -146,14 +105,10 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         vocab=datamodule.tokenizer.chars,
         **OmegaConf.to_container(cfg.optim, resolve=True),
     )
-    if cfg.data.seq_len > module.config.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={module.config.max_seq_len}; "
-            "lower data.seq_len or raise model.max_seq_len"
-        )
-    check_trainer(cfg.trainer)
+    ckpt_path = None
     if cfg.get("ckpt_path"):
-        check_resume(cfg.ckpt_path, module)
+        ckpt_path, ckpt_hp = check_resumable(cfg.ckpt_path, module.config, cfg.trainer.max_steps)
+        check_vocabulary(ckpt_path, ckpt_hp["vocab"], module.hparams.vocab)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision)
@@ -181,8 +136,13 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         plugins=[AtomicCheckpointIO()],
         **extra,
     )
-    # weights_only: resuming reads tensors and plain data, never code from the file
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    try:
+        # weights_only: resuming reads tensors and plain data, never code from the file
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except ShakeGPTError:
+        raise
+    except Exception as e:
+        raise TrainingFailed(describe_failure(e, Path(cfg.paths.output_dir), trainer.global_step)) from e
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -238,8 +198,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with sweep_job():
             metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
-    except ShakeGPTError as e:  # the user's to fix: one line, no traceback
+    except ShakeGPTError as e:  # the user's to fix, or a failure told in one line: no traceback on screen
         log.error("%s", e)
+        if e.__cause__ is not None:
+            traceback_to_log_file(e.__cause__)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one failed job of a sweep (an Optuna trial with a bad value) must not end the sweep
         remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
@@ -250,3 +212,16 @@ def main(cfg: DictConfig) -> float | None:
             raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
         return metrics[name]
     return None
+
+
+def traceback_to_log_file(e: BaseException) -> None:
+    """Write the traceback of a failure to the run's log file (not to the terminal)."""
+    text = "".join(traceback.format_exception(e))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.stream.write(text)
+                handler.flush()
+            finally:
+                handler.release()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shakegpt.checkpoint import export_bundle, load_bundle, model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from shakegpt.errors import CheckpointError
+from shakegpt.errors import CheckpointError, DataError
 from shakegpt.evaluate import evaluate_checkpoint
 
 from .conftest import ROOT, TINY
@@ -183,3 +183,44 @@ def test_eval_cli_table_and_json(trained_run, tmp_path):
     rows = json.loads(js.read_text())
     assert len(rows) == 2 and rows[0]["step"] in (3, 6) and rows[1]["step"] == 6
     assert rows[0]["val_loss"] <= rows[1]["val_loss"]  # the run directory means its best checkpoint
+
+
+def test_export_never_replaces_a_bundle_without_force(trained_run, tmp_path):
+    out, _, _ = trained_run
+    bundle = export_bundle(out, tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    with pytest.raises(
+        CheckpointError, match=f"{bundle} already holds a bundle .*; choose another folder, or pass --force"
+    ):
+        export_bundle(out / "checkpoints" / "last.ckpt", bundle)
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    export_bundle(out / "checkpoints" / "last.ckpt", bundle, overwrite=True)
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert load_bundle(bundle)[1].chars == load_bundle(tmp_path / "b")[1].chars
+
+
+def test_export_to_an_unwritable_place_is_one_line(trained_run, tmp_path):
+    out, _, _ = trained_run
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run(
+        [sys.executable, "-m", "shakegpt.export", str(out), str(tmp_path / "file" / "bundle")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: the bundle could not be written to {tmp_path / 'file' / 'bundle'}: Not a directory"
+    ], r.stderr
+
+
+def test_eval_refuses_a_corpus_outside_the_vocabulary(trained_run, tmp_path):
+    out, _, _ = trained_run
+    other = tmp_path / "other.txt"
+    other.write_text("0123456789 " * 200)  # digits: none in the tiny corpus
+    data = {"path": str(other), "batch_size": 4, "seq_len": None}
+    with pytest.raises(DataError, match=r"^9\d\.\d% of the validation characters of .* are outside the vocabulary of"):
+        evaluate_checkpoint(out, data, precision="32-true")
+    row = evaluate_checkpoint(out, data, precision="32-true", allow_unk=True)
+    assert 0.9 < row["unk_share"] < 1
+    assert evaluate_checkpoint(out, {**data, "path": str(TINY)}, precision="32-true")["unk_share"] == 0

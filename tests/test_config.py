@@ -221,7 +221,7 @@ def test_resuming_from_another_model_or_vocabulary_is_refused(make_cfg, trained_
     with pytest.raises(ConfigError, match=r"is from a different model \(model.n_layer=2 there, 3 here\)"):
         train(make_cfg("model.n_layer=3", f"ckpt_path={ckpt}"))
     with pytest.raises(ConfigError, match="was trained on a vocabulary of \\d+ characters, this corpus has 65"):
-        train(make_cfg(f"data.path={real_corpus}", f"ckpt_path={ckpt}"))
+        train(make_cfg(f"data.path={real_corpus}", f"ckpt_path={ckpt}", "trainer.max_steps=10"))
 
 
 def test_resuming_from_a_truncated_checkpoint_is_refused(make_cfg, trained_run, tmp_path):

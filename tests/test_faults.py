@@ -1,5 +1,6 @@
 """Faults: nothing lost when a run dies, and the same seed gives the same run."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -9,10 +10,14 @@ import pytest
 import torch
 
 from shakegpt.callbacks import AtomicCheckpointIO
+from shakegpt.checkpoint import resolve_resume
+from shakegpt.errors import CheckpointError, ConfigError, TrainingFailed
+from shakegpt.module import lr_factor
 from shakegpt.results import read_scalars
 from shakegpt.train import train
 
 from .conftest import ROOT, compose_cfg, start_training, train_command
+from .tb import hparams, load_run
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
@@ -45,9 +50,18 @@ def test_same_seed_same_config_same_run(tmp_path):
         assert len(a) >= 2 and a == b, tag  # bit for bit, on the CPU
 
 
+OVERFIT = (  # the tiny corpus, a constant high learning rate: val loss turns up within ~30 steps
+    "model.dropout=0.1",  # so a resumed run must also restore the random state dropout draws from
+    "optim.lr=1e-2",
+    "optim.warmup_steps=0",
+    "optim.schedule=constant",
+    "data.batch_size=8",
+)
+
+
 def _args(steps, *extra):
     return (
-        "model.dropout=0.1",  # so the resumed run must also restore the random state dropout draws from
+        *OVERFIT,
         f"trainer.max_steps={steps}",
         "trainer.val_check_interval=4",
         "trainer.log_every_n_steps=1",
@@ -57,8 +71,32 @@ def _args(steps, *extra):
     )
 
 
+def _steps_of(run_dir):
+    ckpts = run_dir / "checkpoints"
+    best = [p for p in ckpts.glob("best-*.ckpt")]
+    return (
+        torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"],
+        [torch.load(p, weights_only=True)["global_step"] for p in best],
+    )
+
+
+def test_last_ckpt_is_the_latest_state_after_val_loss_turns_up(tmp_path):
+    """last.ckpt follows every validation and the end of the run; the best checkpoint stays at the best step."""
+    train(compose_cfg(tmp_path, *OVERFIT, "trainer.max_steps=42", "trainer.val_check_interval=4"))
+    val = [(s + 1, v) for s, v, _ in read_scalars(tmp_path)["val/loss"]]
+    best_step = min(val, key=lambda sv: sv[1])[0]
+    assert best_step < val[-1][0], f"the run did not over-fit: {val}"
+    last, best = _steps_of(tmp_path)
+    assert last == 42  # the end of the run (its last validation was at step 40)
+    assert best == [best_step]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(
+        ["last.ckpt", f"best-step{best_step:06d}-val{min(v for _, v in val):.4f}.ckpt"]
+    )
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
+    """A run killed after its val loss has turned up resumes from last.ckpt and continues step for step."""
     steps = 60
     whole = tmp_path / "whole"
     subprocess.run(train_command(whole, *_args(steps)), cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -67,17 +105,22 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
     last = killed / "checkpoints" / "last.ckpt"
     proc = start_training(killed, *_args(steps))
     try:
-        for _ in range(1200):  # kill -9 once a checkpoint past step 8 exists: no handler runs, no save
-            if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 8:
-                break
+        for _ in range(2400):  # kill -9 once last.ckpt is past the best step: no handler runs, no save
+            if last.is_file():
+                try:
+                    at, best = _steps_of(killed)
+                except Exception:  # a file replaced while being read: look again
+                    at, best = 0, []
+                if best and at >= 24 and at > max(best):
+                    break
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    resumed_from = torch.load(last, weights_only=True)["global_step"]
-    assert 8 <= resumed_from < steps, "the run finished before it could be killed"
+    resumed_from, best = _steps_of(killed)
+    assert max(best) < resumed_from < steps, "the run was not killed after its val loss turned up"
     assert not (killed / "checkpoints" / "interrupted.ckpt").exists()  # kill -9: nothing ran at exit
 
     resumed = tmp_path / "resumed"
@@ -98,12 +141,114 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
         assert torch.allclose(
             torch.tensor([v for _, v in again[tag]]), torch.tensor([v for _, v in after[tag]]), atol=1e-6
         ), tag
+    # the best checkpoint is the one the whole run found
+    assert _steps_of(resumed)[1] == _steps_of(whole)[1]
 
 
-def test_a_new_run_in_a_used_directory_starts_from_scratch(tmp_path):
-    """Only ckpt_path resumes: a checkpoint left in the run directory is not picked up silently."""
+def test_a_new_run_in_a_used_directory_is_refused_and_changes_nothing(tmp_path):
+    """Only ckpt_path resumes, and a new run never writes over another run's checkpoints."""
     train(compose_cfg(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4"))
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    train(compose_cfg(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6"))
-    steps = [s for s, _, _ in read_scalars(tmp_path / "tensorboard")["train/loss"]]
-    assert sorted(steps).count(0) == 2 and len([s for s in steps if s < 4]) == 8  # both began at step 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    events = sorted((tmp_path / "tensorboard").iterdir())
+    with pytest.raises(
+        ConfigError, match=r"already holds another run's checkpoints \(best-step000004-val.*, last.ckpt\)"
+    ):
+        train(compose_cfg(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
+    assert sorted((tmp_path / "tensorboard").iterdir()) == events
+    # resuming it in place is allowed, and a run directory means its latest state
+    train(compose_cfg(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6", f"ckpt_path={tmp_path}"))
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_command_line(tmp_path):
+    """lr, weight decay and schedule come from this run's config; the logged lr, the optimizer, the
+    scheduler and the HParams record all agree with it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(compose_cfg(first, "trainer.max_steps=6", "trainer.val_check_interval=3", "optim.warmup_steps=2"))
+    new = ("optim.lr=5e-4", "optim.weight_decay=0.5", "optim.min_lr_ratio=0.2", "trainer.max_steps=10")
+    train(compose_cfg(second, "trainer.val_check_interval=3", "optim.warmup_steps=2", *new, f"ckpt_path={first}"))
+    expected = [5e-4 * lr_factor(s, 2, 10, 0.2, "cosine") for s in range(6, 10)]
+    logged = read_scalars(second)["lr-AdamW/pg1"]
+    assert [s for s, _, _ in logged] == [6, 7, 8, 9]  # the step comes from the checkpoint
+    assert [v for _, v, _ in logged] == pytest.approx(expected, rel=1e-5)
+    ckpt = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [5e-4, 5e-4] and ckpt["lr_schedulers"][0]["base_lrs"] == [5e-4, 5e-4]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert groups[0]["lr"] == pytest.approx(5e-4 * lr_factor(10, 2, 10, 0.2, "cosine"))
+    assert ckpt["hyper_parameters"]["lr"] == 5e-4
+    params, _ = hparams(load_run(second / "tensorboard"))
+    assert params["optim.lr"] == pytest.approx(5e-4) and params["optim.weight_decay"] == pytest.approx(0.5)
+    # the moments come from the checkpoint: the first run's step count is in the optimizer state
+    first_state = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    assert float(first_state[0]["step"]) == 6 and float(ckpt["optimizer_states"][0]["state"][0]["step"]) == 10
+
+
+def test_resuming_a_finished_run_or_a_weights_only_file_is_refused(tmp_path, trained_run):
+    out = trained_run[0]  # 6 steps of 6
+    with pytest.raises(ConfigError, match=r"is at step 6 and trainer.max_steps=6: that run has already finished"):
+        train(compose_cfg(tmp_path, "trainer.max_steps=6", f"ckpt_path={out}"))
+    weights = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    del weights["optimizer_states"]
+    torch.save(weights, tmp_path / "weights.ckpt")
+    with pytest.raises(CheckpointError, match="holds weights only, not a training state"):
+        train(compose_cfg(tmp_path / "run", "trainer.max_steps=8", f"ckpt_path={tmp_path / 'weights.ckpt'}"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_resumes_from_its_latest_state(tmp_path, trained_run):
+    out = trained_run[0]
+    assert resolve_resume(out) == out / "checkpoints" / "last.ckpt"
+    later = tmp_path / "checkpoints"
+    later.mkdir()
+    for name, step in (("last.ckpt", 6), ("interrupted.ckpt", 7)):
+        ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt["global_step"] = step
+        torch.save(ckpt, later / name)
+    assert resolve_resume(tmp_path) == later / "interrupted.ckpt"  # Ctrl-C after the last validation
+    with pytest.raises(CheckpointError, match="is a directory without last.ckpt or interrupted.ckpt"):
+        resolve_resume(out / "tensorboard")
+
+
+def _fail_writes_after(monkeypatch, n_ok: int, err: int = errno.ENOSPC):
+    """Let `n_ok` checkpoint writes through, then fail every later one as a full disk would."""
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > n_ok:
+            f.write(b"partial")
+            raise OSError(err, os.strerror(err))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr("shakegpt.callbacks.torch.save", save)
+
+
+def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _fail_writes_after(monkeypatch, 2)  # the first validation writes best and last, the second fails
+    with pytest.raises(TrainingFailed) as info:
+        train(compose_cfg(tmp_path, "trainer.max_steps=8", "trainer.val_check_interval=4"))
+    ckpts = tmp_path / "checkpoints"
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"the disk is full (no space left writing {ckpts}/")
+    assert f"training stopped at step 8; last good checkpoint: {ckpts}/last.ckpt (step 4)" in message
+    assert message.endswith(f"resume with ckpt_path={tmp_path}")
+    monkeypatch.undo()
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 4  # whole, and resumable
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith("best-")) == ["last.ckpt"]  # no temp file
+
+
+def test_a_failure_before_the_first_step_leaves_no_untrained_checkpoint(tmp_path, monkeypatch):
+    def boom(self, batch, batch_idx):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("shakegpt.module.LitGPT.training_step", boom)
+    with pytest.raises(
+        TrainingFailed,
+        match=r"^out of memory: lower data.batch_size, data.seq_len or the model's size; "
+        r"training stopped at step 0; no checkpoint was written$",
+    ):
+        train(compose_cfg(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()

@@ -1,6 +1,7 @@
 """Reference-run artifacts: summaries from event files, `keep`, the table and the plot."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,30 @@ def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_keep_never_replaces_a_kept_run_without_force(hydra_run, tmp_path):
+    run_dir, _, _ = hydra_run
+    ref = tmp_path / "ref"
+    first = keep(run_dir, "v3-x", "first", ref)
+    with pytest.raises(
+        ConfigError, match="a kept run named 'v3-x' exists in .*; choose another --name, or pass --force"
+    ):
+        keep(run_dir, "v3-x", "second", ref)
+    assert json.loads((first / "metrics.json").read_text())["command"] == "first"
+    # a run that cannot be kept (it never validated) leaves the kept one whole, even with --force
+    unvalidated = tmp_path / "unvalidated"
+    shutil.copytree(run_dir / ".hydra", unvalidated / ".hydra")
+    (unvalidated / "tensorboard").mkdir()
+    shutil.copy2(next((run_dir / "tensorboard").glob("events.*")), unvalidated / "tensorboard")
+    for f in (unvalidated / "tensorboard").iterdir():  # an event file with no scalars
+        f.write_bytes(f.read_bytes()[:0])
+    with pytest.raises(ConfigError):
+        keep(unvalidated, "v3-x", "broken", ref, overwrite=True)
+    assert json.loads((first / "metrics.json").read_text())["command"] == "first"
+    keep(run_dir, "v3-x", "replaced", ref, overwrite=True)
+    assert json.loads((first / "metrics.json").read_text())["command"] == "replaced"
+    assert sorted(p.name for p in ref.iterdir()) == ["v3-x"]  # no temporary folder left
+
+
 def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path} has no .hydra/config.yaml"):
         keep(tmp_path, "x", "cmd", tmp_path / "ref")
@@ -78,6 +103,10 @@ def readme_results() -> str:
 def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     """`python train.py <overrides>` composes today to the config the kept run `ref` trained with."""
     kept = OmegaConf.load(ref / "config.yaml")
+    # runs kept before RunCheckpoint used Lightning's ModelCheckpoint, which it subclasses: it changes
+    # only when last.ckpt is written (at every validation, not only beside a new best), not training
+    if kept.callbacks.checkpoint._target_ == "lightning.pytorch.callbacks.ModelCheckpoint":
+        kept.callbacks.checkpoint._target_ = "shakegpt.callbacks.RunCheckpoint"
     now = compose_cfg(ROOT / "outputs", *overrides, shrink=False)
     assert now.seed == kept.seed
     for group in ("model", "optim", "data", "trainer", "callbacks"):

@@ -99,6 +99,29 @@ def test_optuna_study_runs_and_continues_from_its_storage(tmp_path):
     assert len(study.trials) == 6 and study.best_value <= first_best
 
 
+def test_a_failing_optuna_trial_fails_alone(tmp_path):
+    """A trial with a bad value is recorded as failed and the study goes on to its other trials."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    multirun(
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler.seed=1",  # draws -1 for trials 0 and 2
+        "optim.min_lr_ratio=choice(-1,0.1)",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # exits 0
+    study = optuna.load_study(study_name="shakegpt", storage=storage)
+    states = [(t.state.name, t.params["optim.min_lr_ratio"]) for t in study.trials]
+    assert len(states) == 4 and {s for s, v in states if v == -1} == {"FAIL"}, states
+    assert {s for s, v in states if v == 0.1} == {"COMPLETE"} and ("FAIL", -1) in states, states
+    failed = min(t.number for t in study.trials if t.state.name == "FAIL")
+    log = next((tmp_path / "sweep").glob(f"{failed}_*")) / "train.log"
+    assert "optim.min_lr_ratio=-1 is invalid; it must be in [0, 1]" in log.read_text()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

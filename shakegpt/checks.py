@@ -1,0 +1,250 @@
+"""Every check a training config must pass before any work starts.
+
+`check_train_config(cfg, output_dir)` runs before Hydra makes the run directory (from the Hydra
+callback in `shakegpt.rundir`) and again at the top of `train()`, so a notebook, a test or a sweep
+job gets the same checks. Each failure is one `ConfigError` (or `DataError`/`CheckpointError`)
+whose message names the key, the value and what is accepted. Checks that need the corpus (the
+vocabulary size, a resumed run's vocabulary) run in `train()` once the corpus is read, still before
+the Trainer starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from shakegpt.errors import ConfigError, DataError
+from shakegpt.generate import check_sampling
+
+# torch.manual_seed and Lightning's seed_everything accept this range
+SEED_RANGE = (0, 2**32 - 1)
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "bf16", "16")
+# what train() returns to a sweeper must be one of the metrics a run logs
+METRICS = (
+    "val/loss_best",
+    "val/loss",
+    "val/acc",
+    "val/bpc",
+    "train/loss",
+    "train/acc",
+    "train/bpc",
+    "train/loss_avg",
+    "train/acc_avg",
+)
+# a checkpoint (weights + two AdamW moments, fp32) needs about 12 bytes per parameter; the atomic
+# writer holds the old file and the new one at once, and a best and a last are written together
+CHECKPOINT_BYTES_PER_PARAM = 12
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def positive_int(key: str, v: Any, why: str = "") -> None:
+    if not is_int(v) or v <= 0:
+        raise ConfigError(f"{key}={v!r} is invalid; it must be a positive integer{why}")
+
+
+def non_negative_int(key: str, v: Any) -> None:
+    if not is_int(v) or v < 0:
+        raise ConfigError(f"{key}={v!r} is invalid; it must be an integer >= 0")
+
+
+def check_optim(optim: Mapping) -> None:
+    lr = optim.get("lr")
+    if not is_number(lr) or lr <= 0:
+        raise ConfigError(f"optim.lr={lr!r} is invalid; it must be > 0")
+    wd = optim.get("weight_decay")
+    if not is_number(wd) or wd < 0:
+        raise ConfigError(f"optim.weight_decay={wd!r} is invalid; it must be a number >= 0 (0 turns it off)")
+    betas = optim.get("betas")
+    if (
+        not isinstance(betas, (list, tuple, ListConfig))
+        or len(betas) != 2
+        or not all(is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        shown = list(betas) if isinstance(betas, ListConfig) else betas
+        raise ConfigError(
+            f"optim.betas={shown!r} is invalid; it must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.99]"
+        )
+    non_negative_int("optim.warmup_steps", optim.get("warmup_steps"))
+    ratio = optim.get("min_lr_ratio")
+    if not is_number(ratio) or not 0 <= ratio <= 1:
+        raise ConfigError(
+            f"optim.min_lr_ratio={ratio!r} is invalid; it must be in [0, 1] (the final lr as a share of optim.lr)"
+        )
+    schedule = optim.get("schedule")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+
+
+def check_seed(seed: Any) -> None:
+    lo, hi = SEED_RANGE
+    if not is_int(seed) or not lo <= seed <= hi:
+        raise ConfigError(f"seed={seed!r} is invalid; it must be an integer from {lo} to {hi}")
+
+
+def check_data(batch_size: Any, seq_len: Any, val_fraction: Any, num_workers: Any = 0) -> None:
+    positive_int("data.batch_size", batch_size)
+    positive_int("data.seq_len", seq_len)
+    if not is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction!r} is invalid; it must be in (0, 1)")
+    non_negative_int("data.num_workers", num_workers)
+
+
+def check_trainer(tcfg: Mapping) -> None:
+    """Step counts, intervals, precision and devices that cannot work, named before the Trainer starts."""
+    positive_int(
+        "trainer.max_steps",
+        tcfg.get("max_steps"),
+        " (training batches are an endless stream, so a run needs a step count)",
+    )
+    positive_int(
+        "trainer.val_check_interval",
+        tcfg.get("val_check_interval"),
+        " (validate every N optimizer steps; the training stream has no epochs to take a fraction of)",
+    )
+    limit = tcfg.get("limit_val_batches")
+    if not ((is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1)):
+        raise ConfigError(
+            f"trainer.limit_val_batches={limit!r} is invalid; it must be a share in (0, 1] (1.0 = the whole "
+            "validation split) or a number of batches >= 1: a run without validation has no val loss to keep or return"
+        )
+    positive_int("trainer.log_every_n_steps", tcfg.get("log_every_n_steps"))
+    positive_int("trainer.accumulate_grad_batches", tcfg.get("accumulate_grad_batches", 1))
+    clip = tcfg.get("gradient_clip_val")
+    if clip is not None and (not is_number(clip) or clip < 0):
+        raise ConfigError(f"trainer.gradient_clip_val={clip!r} is invalid; it must be a number >= 0, or null for none")
+    precision = tcfg.get("precision")
+    if str(precision) not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    devices, accelerator = tcfg.get("devices"), str(tcfg.get("accelerator"))
+    gpu_wanted = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no usable GPU; use trainer.accelerator=cpu or auto"
+        )
+    if is_int(devices):
+        available = torch.cuda.device_count() if gpu_wanted else (os.cpu_count() or 1)
+        kind = "GPUs" if gpu_wanted else "CPU cores (one process per device)"
+        if devices < 1 or devices > available:
+            raise ConfigError(
+                f"trainer.devices={devices} is invalid; this machine has {available} {kind}: use 1 to {available}"
+            )
+
+
+def check_sample_section(sample: Mapping, prefix: str) -> None:
+    check_sampling(sample.get("temperature"), sample.get("top_k"), sample.get("top_p"), prefix)
+    non_negative_int(f"{prefix}num_chars", sample.get("num_chars"))
+    prompt = sample.get("prompt")
+    if sample.get("num_chars") and (not isinstance(prompt, str) or not prompt):
+        raise ConfigError(f"{prefix}prompt={prompt!r} is invalid; give at least one character, e.g. a newline")
+    seed = sample.get("seed")
+    if seed is not None:
+        try:
+            check_seed(seed)
+        except ConfigError:
+            raise ConfigError(
+                f"{prefix}seed={seed!r} is invalid; it must be an integer from 0 to {SEED_RANGE[1]}"
+            ) from None
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: str | Path, key: str, need_bytes: int = 0) -> None:
+    """`path` (a directory to be written, existing or not) can be created and written, with
+    `need_bytes` free. Tried for real: a temporary file is made in the nearest existing folder."""
+    path = Path(path).expanduser()
+    base = nearest_existing(path)
+    if not base.is_dir():
+        raise ConfigError(f"{key}={path} cannot be made: {base} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        reason = "a read-only file system" if e.errno == errno.EROFS else (e.strerror or type(e).__name__)
+        raise ConfigError(f"{key}={path} cannot be written ({base}: {reason}); choose a writable folder") from None
+    free = shutil.disk_usage(base).free
+    if need_bytes and free < need_bytes:
+        raise ConfigError(
+            f"{key}={path}: only {free / 2**20:.1f} MiB free on its disk, a checkpoint of this model needs about "
+            f"{need_bytes / 2**20:.1f} MiB; free some space or choose another folder"
+        )
+
+
+def checkpoint_bytes(model_cfg: Mapping) -> int:
+    """About what one training checkpoint of this model takes on disk (weights and AdamW moments)."""
+    from shakegpt.model import GPT, GPTConfig
+
+    with torch.device("meta"):  # counts parameters without allocating them
+        n = GPT(GPTConfig.from_dict(dict(model_cfg))).num_params()
+    return n * CHECKPOINT_BYTES_PER_PARAM + (1 << 20)
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None) -> None:
+    """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
+    the returned metric, and the run directory (writable, free space, not another run's)."""
+    from shakegpt.checkpoint import check_resumable
+    from shakegpt.model import GPTConfig
+
+    check_seed(cfg.get("seed"))
+    check_optim(_container(cfg.optim))
+    check_trainer(_container(cfg.trainer))
+    data = _container(cfg.data)
+    check_data(data.get("batch_size"), data.get("seq_len"), data.get("val_fraction"), data.get("num_workers", 0))
+    if data.get("path") and not Path(data["path"]).expanduser().is_file():
+        raise DataError(f"data.path={data['path']} does not exist or is not a file")
+    model = _container(cfg.model)
+    mcfg = GPTConfig.from_dict(dict(model))
+    if data["seq_len"] > mcfg.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={data['seq_len']} exceeds model.max_seq_len={mcfg.max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len"
+        )
+    check_sample_section(_container(cfg.sample), "sample.")
+    text_sample = (cfg.get("callbacks") or {}).get("text_sample")
+    if text_sample is not None:
+        check_sample_section(_container(text_sample), "callbacks.text_sample.")
+    metric = cfg.get("optimized_metric")
+    if metric is not None and metric not in METRICS:
+        raise ConfigError(f"optimized_metric={metric!r} is not a metric a run logs; choose one of {', '.join(METRICS)}")
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps)
+    if output_dir is not None:
+        check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
+        check_writable(output_dir, "the run directory", checkpoint_bytes(model))
+
+
+def check_run_directory(run_dir: Path, resuming: bool) -> None:
+    """A new run must not write into a directory that holds another run's checkpoints: its
+    `last.ckpt` and best checkpoint would replace that run's. Resuming (ckpt_path) may continue there."""
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) if run_dir.is_dir() else []
+    if ckpts and not resuming:
+        raise ConfigError(
+            f"the run directory {run_dir} already holds another run's checkpoints ({', '.join(ckpts)}); "
+            f"resume it with ckpt_path={run_dir}, or start this run in a new directory (leave hydra.run.dir unset)"
+        )

@@ -1,0 +1,137 @@
+"""The checks a config passes before any work starts: one line naming the key, the value and what
+is accepted, and nothing written."""
+
+import errno
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from shakegpt.checks import check_train_config, check_writable
+from shakegpt.data import CharDataModule, smallest_id_dtype
+from shakegpt.errors import CheckpointError, ConfigError, DataError
+from shakegpt.generate import sample_next
+from shakegpt.sample import check_device
+from shakegpt.train import train
+
+BAD = [
+    (["optim.min_lr_ratio=-3"], "optim.min_lr_ratio=-3 is invalid; it must be in [0, 1]"),
+    (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio=1.5 is invalid"),
+    (["optim.weight_decay=-5"], "optim.weight_decay=-5 is invalid; it must be a number >= 0"),
+    (["optim.lr=nan"], "optim.lr=nan is invalid; it must be > 0"),
+    (["optim.betas=0.9"], "optim.betas=0.9 is invalid; it must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.99]"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9] is invalid; it must be two numbers in [0, 1)"),
+    (["optim.betas=[0.9,1.5]"], "optim.betas=[0.9, 1.5] is invalid"),
+    (["optim.betas=[a,b]"], "optim.betas=['a', 'b'] is invalid"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps=-1 is invalid; it must be an integer >= 0"),
+    (["optim.schedule=linear"], "optim.schedule='linear' is unknown; choose one of cosine, constant"),
+    (["seed=-1"], "seed=-1 is invalid; it must be an integer from 0 to 4294967295"),
+    (["seed=4294967296"], "seed=4294967296 is invalid"),
+    (["seed=abc"], "seed='abc' is invalid"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 is invalid; it must be a positive integer"),
+    (["trainer.val_check_interval=0.5"], "trainer.val_check_interval=0.5 is invalid; it must be a positive integer"),
+    (["trainer.limit_val_batches=0"], "trainer.limit_val_batches=0 is invalid; it must be a share in (0, 1]"),
+    (["trainer.limit_val_batches=1.5"], "trainer.limit_val_batches=1.5 is invalid"),
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 is invalid"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 is invalid"),
+    (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val=-1 is invalid; it must be a number >= 0, or null"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown; choose one of auto, 32-true"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 is invalid; it must be a positive integer"),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5 is invalid; it must be in (0, 1)"),
+    (["data.num_workers=-1"], "data.num_workers=-1 is invalid; it must be an integer >= 0"),
+    (["data.batch_size=0"], "data.batch_size=0 is invalid; it must be a positive integer"),
+    (["sample.temperature=0"], "sample.temperature=0 is invalid; it must be > 0"),
+    (["sample.top_k=0"], "sample.top_k=0 is invalid; it must be an integer >= 1"),
+    (["sample.num_chars=-1"], "sample.num_chars=-1 is invalid; it must be an integer >= 0"),
+    (["sample.prompt=''"], "sample.prompt='' is invalid; give at least one character"),
+    (["callbacks.text_sample.temperature=0"], "callbacks.text_sample.temperature=0 is invalid; it must be > 0"),
+    (
+        ["optimized_metric=val/los"],
+        "optimized_metric='val/los' is not a metric a run logs; choose one of val/loss_best",
+    ),
+    (["model.n_head=5"], "model.d_model=128 is not divisible by model.n_head=5"),
+    (["model.max_seq_len=16"], "data.seq_len=32 exceeds model.max_seq_len=16"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_a_bad_value_is_named_before_anything_is_written(make_cfg, tmp_path, overrides, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError) as info:
+        check_train_config(cfg, tmp_path / "run")
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["sample.temperature=0"], ["trainer.limit_val_batches=0"], ["optim.min_lr_ratio=-3"], ["seed=-1"]],
+)
+def test_train_refuses_before_the_trainer_starts(make_cfg, tmp_path, overrides):
+    """Values once found only at the first validation (or after training) are refused at once."""
+    with pytest.raises(ConfigError):
+        train(make_cfg(*overrides))
+    assert list(tmp_path.iterdir()) == []  # no checkpoint, no event file, nothing
+
+
+def test_resume_paths_are_checked_before_the_run(make_cfg, tmp_path):
+    with pytest.raises(CheckpointError, match="ckpt_path=/no/such.ckpt does not exist"):
+        check_train_config(make_cfg("ckpt_path=/no/such.ckpt"), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="is a directory without last.ckpt or interrupted.ckpt"):
+        check_train_config(make_cfg(f"ckpt_path={tmp_path}"), tmp_path / "run")
+    with pytest.raises(DataError, match="data.path=/no/such/input.txt does not exist"):
+        check_train_config(make_cfg("data.path=/no/such/input.txt"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unwritable_run_directory_is_refused(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(
+        ConfigError,
+        match=rf"the run directory={tmp_path}/a/b cannot be written \({tmp_path}: a read-only file system\)",
+    ):
+        check_writable(tmp_path / "a" / "b", "the run directory")
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file" / "run", "the run directory")
+
+
+def test_a_disk_without_room_for_one_checkpoint_is_refused(make_cfg, tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=2 * 2**20))
+    with pytest.raises(
+        ConfigError, match=r"only 2.0 MiB free on its disk, a checkpoint of this model needs about 5.\d MiB"
+    ):
+        check_train_config(make_cfg(), tmp_path / "run")
+
+
+def test_a_corpus_with_more_characters_than_int16_holds(tmp_path):
+    assert smallest_id_dtype(66) == torch.uint8 and smallest_id_dtype(257) == torch.int16
+    assert smallest_id_dtype(40_000) == torch.int32
+    text = "".join(chr(0x20000 + i) for i in range(40_000)) * 2  # 40,000 distinct CJK characters
+    (tmp_path / "wide.txt").write_text(text, encoding="utf-8")
+    dm = CharDataModule(path=str(tmp_path / "wide.txt"), batch_size=2, seq_len=8)
+    dm.setup("fit")
+    x, y = dm.train_dataloader().dataset.batch(0)
+    assert dm.train_ids.dtype == torch.int32 and int(dm.train_ids.max()) == 39_999
+    assert dm.tokenizer.decode(x[0]) in text and torch.equal(x[0, 1:], y[0, :-1])
+
+
+def test_a_tiny_temperature_samples_the_most_likely_character():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9]])
+    picks = {int(sample_next(logits, temperature=1e-40)) for _ in range(20)}
+    assert picks == {1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_sampling_on_a_gpu_this_machine_lacks_is_one_line():
+    with pytest.raises(ConfigError, match="device=cuda but this machine has no usable GPU; use device=cpu"):
+        check_device("cuda")
+    with pytest.raises(ConfigError, match="device='gpu0' is not a device name"):
+        check_device("gpu0")
+    assert check_device("cpu") == torch.device("cpu")

@@ -1,0 +1,86 @@
+"""Run directories: unique even for runs started together, names that fit any file system."""
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from shakegpt.rundir import MAX_NAME_BYTES, claim, path_safe, quoted
+
+from .conftest import ROOT, TINY
+
+
+def test_claims_made_at_once_get_distinct_directories(tmp_path):
+    base = tmp_path / "runs" / "2026-11-30_19-42-07_v3"
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: claim(base), range(8)))
+    assert len(set(got)) == 8 and all(p.is_dir() for p in got)
+    assert sorted(p.name for p in got) == sorted([base.name] + [f"{base.name}-{n}" for n in range(2, 9)])
+
+
+def test_job_names_fit_any_file_system_and_stay_distinct():
+    assert path_safe("model/pos_encoding=rope,optim.lr=0.001") == "model-pos_encoding=rope,optim.lr=0.001"
+    long_a = ",".join(f"model.key{i}=value{i}" for i in range(40))
+    long_b = long_a.replace("value39", "value40")
+    a, b = path_safe(long_a), path_safe(long_b)
+    assert len(a.encode()) <= MAX_NAME_BYTES and len(b.encode()) <= MAX_NAME_BYTES and a != b
+    wide = path_safe("sample.prompt=" + "é" * 200)  # two bytes a character: cut on a character boundary
+    assert len(wide.encode()) <= MAX_NAME_BYTES and "\ufffd" not in wide
+
+
+def test_quoted_values_survive_the_override_grammar():
+    assert quoted("outputs/multiruns/2026-11-30_19-42-07") == "'outputs/multiruns/2026-11-30_19-42-07'"
+    assert quoted("it's") == "'it\\'s'"
+
+
+def _default_run(cwd: Path, *args: str) -> subprocess.Popen:
+    """`python train.py` from `cwd`, its run directory left to the default naming."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"data.path={TINY}",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.enable_progress_bar=false",
+            "sample.num_chars=0",
+            *args,
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_get_their_own_directories(tmp_path):
+    procs = [_default_run(tmp_path) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    runs = sorted((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 2, runs
+    for run in runs:
+        assert run.name.endswith(("_quickstart", "_quickstart-2")), run.name
+        assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
+        assert len(list((run / "tensorboard").glob("events.*"))) == 1  # one run's events each
+        assert (run / ".hydra" / "config.yaml").is_file()
+
+
+def test_a_refused_run_makes_no_directory_at_all(tmp_path):
+    """A bad value is refused before Hydra makes outputs/runs/<run>, and the message is one line."""
+    p = _default_run(tmp_path, "optim.min_lr_ratio=-3")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    assert err.strip().splitlines()[-1] == (
+        "error: optim.min_lr_ratio=-3 is invalid; it must be in [0, 1] (the final lr as a share of optim.lr)"
+    )
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
