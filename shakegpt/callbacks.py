@@ -219,7 +219,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _WriteErrors(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except Exception as e:
+                    # torch's zip writer reports a failed write (a full disk) as "unexpected pos":
+                    # raise the write's own error instead
+                    if writer.error is not None:
+                        raise writer.error from e
+                    raise
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
@@ -227,3 +235,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         finally:
             tmp.unlink(missing_ok=True)
+
+
+class _WriteErrors:
+    """A binary file that remembers the first OSError its writes raised."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()

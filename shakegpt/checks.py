@@ -171,23 +171,24 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable(path: str | Path, key: str, need_bytes: int = 0) -> None:
-    """`path` (a directory to be written, existing or not) can be created and written, with
-    `need_bytes` free. Tried for real: a temporary file is made in the nearest existing folder."""
+def check_writable(path: str | Path, label: str, need_bytes: int = 0) -> None:
+    """`path` (a folder to be written, existing or not) can be made and written, with `need_bytes`
+    free; `label` names it in the message. Tried for real: a temporary file is made in the nearest
+    existing folder."""
     path = Path(path).expanduser()
     base = nearest_existing(path)
     if not base.is_dir():
-        raise ConfigError(f"{key}={path} cannot be made: {base} is a file, not a folder")
+        raise ConfigError(f"{label} cannot be made: {base} is a file, not a folder")
     try:
         with tempfile.TemporaryFile(dir=base):
             pass
     except OSError as e:
         reason = "a read-only file system" if e.errno == errno.EROFS else (e.strerror or type(e).__name__)
-        raise ConfigError(f"{key}={path} cannot be written ({base}: {reason}); choose a writable folder") from None
+        raise ConfigError(f"{label} cannot be written ({base}: {reason}); choose a writable folder") from None
     free = shutil.disk_usage(base).free
     if need_bytes and free < need_bytes:
         raise ConfigError(
-            f"{key}={path}: only {free / 2**20:.1f} MiB free on its disk, a checkpoint of this model needs about "
+            f"{label}: only {free / 2**20:.1f} MiB free on its disk, a checkpoint of this model needs about "
             f"{need_bytes / 2**20:.1f} MiB; free some space or choose another folder"
         )
 
@@ -236,7 +237,7 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None) ->
         check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps)
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
-        check_writable(output_dir, "the run directory", checkpoint_bytes(model))
+        check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(model))
 
 
 def check_run_directory(run_dir: Path, resuming: bool) -> None:

@@ -44,8 +44,14 @@ def sha256_of(path: Path) -> str:
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     """Fetch `url` to `dest` atomically; raise DataError if it cannot be fetched or its sha256 differs."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
+    except OSError as e:
+        raise DataError(
+            f"cannot write the corpus cache {dest.parent} ({e.strerror or e}); set paths.cache_dir to a writable "
+            f"folder, or point data.path (or {ENV_VAR}) at a copy of input.txt"
+        ) from None
     try:
         log.info("downloading %s -> %s", url, dest)
         try:

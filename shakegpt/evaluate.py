@@ -92,7 +92,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     paths = list(cfg.ckpt_path) if isinstance(cfg.ckpt_path, (list, ListConfig)) else [cfg.ckpt_path]
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"}
     if cfg.out:  # before the work, not after it
-        check_writable(Path(cfg.out).expanduser().parent, "out")
+        check_writable(Path(cfg.out).expanduser().parent, f"out={cfg.out}")
     L.seed_everything(cfg.seed, verbose=False)
     allow_unk = bool(cfg.get("allow_unk", False))
     rows = [evaluate_checkpoint(p, data, cfg.precision, allow_unk) for p in paths]

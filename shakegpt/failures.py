@@ -8,12 +8,15 @@ on the terminal; the traceback goes to the run's log file only.
 from __future__ import annotations
 
 import errno
+import logging
+import sys
 from pathlib import Path
 
 import torch
 
 from shakegpt.checkpoint import step_of
 
+log = logging.getLogger(__name__)
 WRITE_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
 PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl", "gloo")
 
@@ -42,9 +45,9 @@ def last_good_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return path, step
 
 
-def describe_failure(e: BaseException, run_dir: Path, step: int | None = None) -> str:
-    """One line: what happened, at which step, and the checkpoint to resume from."""
-    line = what_happened(e)
+def describe_failure(e: BaseException | str, run_dir: Path, step: int | None = None) -> str:
+    """One line: what happened (an exception, or words), at which step, and the checkpoint to resume from."""
+    line = e if isinstance(e, str) else what_happened(e)
     if step is not None:
         line += f"; training stopped at step {step}"
     good = last_good_checkpoint(run_dir)
@@ -54,3 +57,30 @@ def describe_failure(e: BaseException, run_dir: Path, step: int | None = None) -
     else:
         line += "; no checkpoint was written"
     return line
+
+
+def report_lost_ranks(trainer, run_dir: Path) -> None:
+    """When a DDP rank started by Lightning dies, Lightning's child-process observer kills rank 0 with
+    SIGKILL (so that no rank hangs in a collective), and rank 0 can print nothing after that. Have
+    the observer print the one line first. (Rank 0 may instead notice the loss itself at its next
+    gradient exchange; then `describe_failure` says the same.)"""
+    try:
+        from lightning.fabric.strategies.launchers import subprocess_script
+    except ImportError:
+        return
+    observer = getattr(subprocess_script, "_ChildProcessObserver", None)
+    if observer is None or not hasattr(observer, "_terminate_all"):
+        return
+    original = getattr(observer, "_shakegpt_original", observer._terminate_all)
+
+    def terminate_all(self) -> None:
+        codes = [(i + 1, p.returncode) for i, p in enumerate(getattr(self, "_child_processes", []))]
+        lost = ", ".join(f"rank {r} exited with code {c}" for r, c in codes if c)
+        what = f"another DDP rank stopped (killed or out of memory?): {lost or 'a rank exited'}"
+        line = describe_failure(what, run_dir, trainer.global_step)
+        log.error("%s", line)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        original(self)
+
+    observer._shakegpt_original = original
+    observer._terminate_all = terminate_all

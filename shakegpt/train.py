@@ -26,7 +26,7 @@ from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
 from shakegpt.checkpoint import check_resumable
 from shakegpt.checks import check_train_config
 from shakegpt.errors import ConfigError, ShakeGPTError, TrainingFailed
-from shakegpt.failures import describe_failure
+from shakegpt.failures import describe_failure, report_lost_ranks
 from shakegpt.hardware import physical_cores, resolve_precision
 from shakegpt.model import seed_formula_params
 from shakegpt.module import LitGPT
@@ -136,6 +136,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         plugins=[AtomicCheckpointIO()],
         **extra,
     )
+    report_lost_ranks(trainer, Path(cfg.paths.output_dir))
     try:
         # weights_only: resuming reads tensors and plain data, never code from the file
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

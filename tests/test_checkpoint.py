@@ -7,10 +7,12 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from shakegpt.checkpoint import export_bundle, load_bundle, model_from_checkpoint, read_checkpoint, resolve_checkpoint
-from shakegpt.errors import CheckpointError, DataError
-from shakegpt.evaluate import evaluate_checkpoint
+from shakegpt.errors import CheckpointError, ConfigError, DataError
+from shakegpt.evaluate import evaluate, evaluate_checkpoint
+from shakegpt.results import plot
 
 from .conftest import ROOT, TINY
 from .tb import load_run, scalars
@@ -224,3 +226,28 @@ def test_eval_refuses_a_corpus_outside_the_vocabulary(trained_run, tmp_path):
     row = evaluate_checkpoint(out, data, precision="32-true", allow_unk=True)
     assert 0.9 < row["unk_share"] < 1
     assert evaluate_checkpoint(out, {**data, "path": str(TINY)}, precision="32-true")["unk_share"] == 0
+
+
+def test_eval_out_that_cannot_be_written_is_refused_before_evaluating(trained_run, tmp_path, monkeypatch):
+    out, _, _ = trained_run
+    (tmp_path / "file").write_text("x")
+    evaluated = []
+    monkeypatch.setattr("shakegpt.evaluate.evaluate_checkpoint", lambda *a, **k: evaluated.append(a))
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(out),
+            "data": {"path": str(TINY), "batch_size": 4, "seq_len": None},
+            "precision": "32-true",
+            "out": str(tmp_path / "file" / "eval.json"),
+            "seed": 0,
+        }
+    )
+    with pytest.raises(ConfigError, match=f"out={tmp_path}/file/eval.json cannot be made: {tmp_path}/file is a file"):
+        evaluate(cfg)
+    assert evaluated == []
+
+
+def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"--out {tmp_path}/file/plot.png could not be written"):
+        plot(ROOT / "outputs" / "reference", tmp_path / "file" / "plot.png")

@@ -92,13 +92,15 @@ def test_an_unwritable_run_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(
         ConfigError,
-        match=rf"the run directory={tmp_path}/a/b cannot be written \({tmp_path}: a read-only file system\)",
+        match=rf"the run directory x cannot be written \({tmp_path}: a read-only file system\)",
     ):
-        check_writable(tmp_path / "a" / "b", "the run directory")
+        check_writable(tmp_path / "a" / "b", "the run directory x")
     monkeypatch.undo()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ConfigError, match="is a file, not a folder"):
-        check_writable(tmp_path / "file" / "run", "the run directory")
+    with pytest.raises(
+        ConfigError, match=f"the run directory y cannot be made: {tmp_path}/file is a file, not a folder"
+    ):
+        check_writable(tmp_path / "file" / "run", "the run directory y")
 
 
 def test_a_disk_without_room_for_one_checkpoint_is_refused(make_cfg, tmp_path, monkeypatch):

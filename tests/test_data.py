@@ -129,3 +129,12 @@ def test_corpus_shorter_than_a_window_is_named(tiny_corpus):
     dm = CharDataModule(path=str(tiny_corpus), seq_len=500)
     with pytest.raises(DataError, match="fewer than data.seq_len"):
         dm.setup("fit")
+
+
+def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHAKEGPT_DATA", raising=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        DataError, match=f"cannot write the corpus cache {tmp_path}/file/tinyshakespeare .*set paths.cache_dir"
+    ):
+        resolve_corpus(cache_dir=tmp_path / "file", url="http://127.0.0.1:9/x.txt")

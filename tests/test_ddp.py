@@ -1,6 +1,7 @@
 """`python train.py model=v3 trainer.devices=2` as two CPU processes over gloo, then a resume."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,4 +99,9 @@ def test_when_one_rank_dies_the_other_exits_soon(tmp_path):
     assert proc.returncode != 0
     print(f"rank 0 exited {waited:.1f} s after rank 1 was killed")  # shown with pytest -s
     assert waited < 60, f"rank 0 took {waited:.0f} s to notice"
-    assert "Traceback" not in err.splitlines()[-1]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: another DDP rank stopped (killed or out of memory?)"), err[-3000:]
+    assert "Traceback" not in err
+    named = re.search(r"last good checkpoint: (\S+) \(step (\d+)\): resume with ckpt_path=(\S+)$", last)
+    assert named and Path(named[1]).parent == out / "checkpoints" and named[3] == str(out), last
+    assert torch.load(named[1], weights_only=True)["global_step"] == int(named[2]) >= 5

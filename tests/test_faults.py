@@ -1,10 +1,12 @@
 """Faults: nothing lost when a run dies, and the same seed gives the same run."""
 
 import errno
+import logging
 import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import torch
 from shakegpt.callbacks import AtomicCheckpointIO
 from shakegpt.checkpoint import resolve_resume
 from shakegpt.errors import CheckpointError, ConfigError, TrainingFailed
+from shakegpt.failures import report_lost_ranks
 from shakegpt.module import lr_factor
 from shakegpt.results import read_scalars
 from shakegpt.train import train
@@ -161,13 +164,18 @@ def test_a_new_run_in_a_used_directory_is_refused_and_changes_nothing(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
-def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_command_line(tmp_path):
+def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_command_line(tmp_path, caplog):
     """lr, weight decay and schedule come from this run's config; the logged lr, the optimizer, the
     scheduler and the HParams record all agree with it."""
     first, second = tmp_path / "first", tmp_path / "second"
     train(compose_cfg(first, "trainer.max_steps=6", "trainer.val_check_interval=3", "optim.warmup_steps=2"))
     new = ("optim.lr=5e-4", "optim.weight_decay=0.5", "optim.min_lr_ratio=0.2", "trainer.max_steps=10")
-    train(compose_cfg(second, "trainer.val_check_interval=3", "optim.warmup_steps=2", *new, f"ckpt_path={first}"))
+    with caplog.at_level(logging.INFO, logger="shakegpt.module"):
+        train(compose_cfg(second, "trainer.val_check_interval=3", "optim.warmup_steps=2", *new, f"ckpt_path={first}"))
+    assert (
+        "resuming at step 6; settings from this run's config: optim.lr 0.005 -> 0.0005; "
+        "optim.weight_decay 0.1 -> 0.5; optim.min_lr_ratio 0.1 -> 0.2"
+    ) in caplog.text
     expected = [5e-4 * lr_factor(s, 2, 10, 0.2, "cosine") for s in range(6, 10)]
     logged = read_scalars(second)["lr-AdamW/pg1"]
     assert [s for s, _, _ in logged] == [6, 7, 8, 9]  # the step comes from the checkpoint
@@ -178,6 +186,8 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
     assert [g["weight_decay"] for g in groups] == [0.5, 0.0]
     assert groups[0]["lr"] == pytest.approx(5e-4 * lr_factor(10, 2, 10, 0.2, "cosine"))
     assert ckpt["hyper_parameters"]["lr"] == 5e-4
+    first_best = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["best_val_loss"]
+    assert ckpt["best_val_loss"] <= first_best  # the best so far came along
     params, _ = hparams(load_run(second / "tensorboard"))
     assert params["optim.lr"] == pytest.approx(5e-4) and params["optim.weight_decay"] == pytest.approx(0.5)
     # the moments come from the checkpoint: the first run's step count is in the optimizer state
@@ -252,3 +262,65 @@ def test_a_failure_before_the_first_step_leaves_no_untrained_checkpoint(tmp_path
     ):
         train(compose_cfg(tmp_path))
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs mounted at tmp_path/disk (root only; skipped where mounting is not allowed)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_ends_in_one_line_and_a_resumable_checkpoint(small_disk):
+    """On a real 12 MiB disk: the first validation's checkpoints fit, the second's do not."""
+    run = small_disk / "run"
+    r = subprocess.run(
+        train_command(run, "trainer.max_steps=40", "trainer.val_check_interval=2", "sample.num_chars=0"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: the disk is full (no space left writing"), r.stderr[-3000:]
+    assert f"last good checkpoint: {run / 'checkpoints' / 'last.ckpt'} (step 2): resume with ckpt_path={run}" in last
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert "Traceback" in (run / "train.log").read_text()  # the details are in the log, not on screen
+
+
+@pytest.mark.slow
+def test_a_read_only_disk_is_refused_before_the_run(small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    r = subprocess.run(
+        train_command(small_disk / "run", "trainer.max_steps=2"), cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"error: the run directory {small_disk / 'run'} cannot be written ({small_disk}: a read-only file system); "
+        "choose a writable folder"
+    ), r.stderr[-2000:]
+
+
+def test_a_lost_rank_is_reported_before_lightning_kills_rank_0(tmp_path, monkeypatch, capsys):
+    """Lightning's observer SIGKILLs rank 0 when another rank dies; the one line comes first."""
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    observer = subprocess_script._ChildProcessObserver
+    killed = []
+    monkeypatch.setattr(observer, "_terminate_all", lambda self: killed.append(self))
+    monkeypatch.setattr(observer, "_shakegpt_original", lambda self: killed.append(self), raising=False)
+    report_lost_ranks(SimpleNamespace(global_step=7), tmp_path)
+    watcher = observer.__new__(observer)
+    watcher._child_processes = [SimpleNamespace(returncode=-9)]
+    watcher._terminate_all()
+    assert killed == [watcher]  # and then Lightning's own termination
+    assert capsys.readouterr().err == (
+        "error: another DDP rank stopped (killed or out of memory?): rank 1 exited with code -9; "
+        "training stopped at step 7; no checkpoint was written\n"
+    )
