@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from omegaconf import read_write
 
 from shakegpt.rundir import MAX_NAME_BYTES, claim, path_safe, quoted
 
@@ -84,3 +85,28 @@ def test_a_refused_run_makes_no_directory_at_all(tmp_path):
     )
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _hydra_cfg(*overrides: str):
+    """The training config with its hydra node, as a sweep composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_sweeps_started_together_get_their_own_directories_and_their_jobs_follow(tmp_path, monkeypatch):
+    from shakegpt.rundir import PrepareRun
+
+    monkeypatch.chdir(tmp_path)
+    dirs = []
+    for _ in range(2):
+        cfg = _hydra_cfg("hydra.sweep.dir=outputs/multiruns/2026-11-30_19-42-07")
+        with read_write(cfg.hydra):  # as if set by the config, not the command line: claimed
+            cfg.hydra.overrides.hydra = [o for o in cfg.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir")]
+        PrepareRun().on_multirun_start(cfg)
+        dirs.append(cfg.hydra.sweep.dir)
+        # each job's config is composed again from these overrides: it must name the claimed directory
+        assert cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir={quoted(cfg.hydra.sweep.dir)}"
+    assert dirs == ["outputs/multiruns/2026-11-30_19-42-07", "outputs/multiruns/2026-11-30_19-42-07-2"]
+    assert all((tmp_path / d).is_dir() for d in dirs)

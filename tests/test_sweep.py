@@ -39,13 +39,16 @@ def multirun(cwd, *args):
 
 
 def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
-    sweep = tmp_path / "sweep"
-    multirun(tmp_path, "model/pos_encoding=learned,rope,none", f"hydra.sweep.dir={sweep}")
+    (tmp_path / "outputs" / "multiruns").mkdir(parents=True)
+    multirun(tmp_path, "model/pos_encoding=learned,rope,none")  # the default, claimed sweep directory
+    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(sweeps) == 1 and sweeps[0].name.count("_") == 1, sweeps  # <date>_<time>
+    sweep = sweeps[0]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 3  # one directory per job, named by number and overrides ("/" made "-")
     for i, enc in enumerate(("learned", "rope", "none")):
         assert jobs[i].startswith(f"{i}_") and f"model-pos_encoding={enc}" in jobs[i]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]  # nothing written elsewhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing written elsewhere
     encodings = set()
     for job in sweep.iterdir():
         if not job.is_dir():
