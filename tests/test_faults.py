@@ -169,13 +169,21 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
     scheduler and the HParams record all agree with it."""
     first, second = tmp_path / "first", tmp_path / "second"
     train(compose_cfg(first, "trainer.max_steps=6", "trainer.val_check_interval=3", "optim.warmup_steps=2"))
-    new = ("optim.lr=5e-4", "optim.weight_decay=0.5", "optim.min_lr_ratio=0.2", "trainer.max_steps=10")
+    new = (
+        "optim.lr=5e-4",
+        "optim.weight_decay=0.5",
+        "optim.min_lr_ratio=0.2",
+        "trainer.max_steps=10",
+        "model.dropout=0.1",
+    )
     with caplog.at_level(logging.INFO, logger="shakegpt.module"):
         train(compose_cfg(second, "trainer.val_check_interval=3", "optim.warmup_steps=2", *new, f"ckpt_path={first}"))
     assert (
         "resuming at step 6; settings from this run's config: optim.lr 0.005 -> 0.0005; "
-        "optim.weight_decay 0.1 -> 0.5; optim.min_lr_ratio 0.1 -> 0.2"
+        "optim.weight_decay 0.1 -> 0.5; optim.min_lr_ratio 0.1 -> 0.2; model.dropout 0.0 -> 0.1"
     ) in caplog.text
+    # validation every 3 steps from the command line: at step 9 (logged as 8), then last.ckpt at the end
+    assert [s for s, _, _ in read_scalars(second)["val/loss"]] == [8]
     expected = [5e-4 * lr_factor(s, 2, 10, 0.2, "cosine") for s in range(6, 10)]
     logged = read_scalars(second)["lr-AdamW/pg1"]
     assert [s for s, _, _ in logged] == [6, 7, 8, 9]  # the step comes from the checkpoint
@@ -190,6 +198,7 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
     assert ckpt["best_val_loss"] <= first_best  # the best so far came along
     params, _ = hparams(load_run(second / "tensorboard"))
     assert params["optim.lr"] == pytest.approx(5e-4) and params["optim.weight_decay"] == pytest.approx(0.5)
+    assert params["model.dropout"] == pytest.approx(0.1) and ckpt["hyper_parameters"]["model"]["dropout"] == 0.1
     # the moments come from the checkpoint: the first run's step count is in the optimizer state
     first_state = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
     assert float(first_state[0]["step"]) == 6 and float(ckpt["optimizer_states"][0]["state"][0]["step"]) == 10
