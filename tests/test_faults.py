@@ -15,7 +15,7 @@ from shakegpt.callbacks import AtomicCheckpointIO
 from shakegpt.checkpoint import resolve_resume
 from shakegpt.errors import CheckpointError, ConfigError, TrainingFailed
 from shakegpt.failures import report_lost_ranks
-from shakegpt.module import lr_factor
+from shakegpt.module import LitGPT, lr_factor
 from shakegpt.results import read_scalars
 from shakegpt.train import train
 
@@ -333,3 +333,23 @@ def test_a_lost_rank_is_reported_before_lightning_kills_rank_0(tmp_path, monkeyp
         "error: another DDP rank stopped (killed or out of memory?): rank 1 exited with code -9; "
         "training stopped at step 7; no checkpoint was written\n"
     )
+
+
+def test_a_crash_mid_run_saves_its_state_and_names_it(tmp_path, monkeypatch):
+    real_step = LitGPT.training_step
+
+    def crash_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("something broke")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(LitGPT, "training_step", crash_at_step_3)
+    with pytest.raises(TrainingFailed) as info:
+        train(compose_cfg(tmp_path, "trainer.max_steps=8", "trainer.val_check_interval=2"))
+    interrupted = tmp_path / "checkpoints" / "interrupted.ckpt"
+    assert str(info.value) == (
+        f"RuntimeError: something broke; training stopped at step 3; last good checkpoint: {interrupted} (step 3): "
+        f"resume with ckpt_path={tmp_path}"
+    )
+    assert resolve_resume(tmp_path) == interrupted  # later than last.ckpt (step 2)
+    assert torch.load(interrupted, weights_only=True)["optimizer_states"]
