@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from shakegpt.configs import CONF_DIR
 from shakegpt.data import CharDataModule, RandomWindows
 from shakegpt.evaluate import full_val_pass
 from shakegpt.generate import stream
 from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.module import LitGPT, adamw, lr_factor
-from shakegpt.train import CONF_DIR
 
 PRESETS = ("v1", "v2", "v3", "nanogpt")
 

@@ -18,11 +18,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from shakegpt.checkpoint import read_checkpoint, resolve_checkpoint
 from shakegpt.checks import check_writable
+from shakegpt.configs import CONF_DIR
 from shakegpt.data import CharDataModule
 from shakegpt.errors import CheckpointError, ConfigError, DataError, exit_on_user_error
 from shakegpt.hardware import resolve_precision
 from shakegpt.module import LitGPT
-from shakegpt.train import CONF_DIR
 
 
 def full_val_pass(module: LitGPT, datamodule: CharDataModule, precision: str) -> tuple[dict[str, float], float]:

@@ -7,39 +7,23 @@ Names (conf/hydra/default.yaml):
   with an atomic `mkdir`, so two runs started together never share a directory.
 - a sweep: `outputs/multiruns/<date>_<time>` (claimed the same way), one sub-directory per job,
   `<job number>_<its overrides>`, with a group's `/` written `-`; overrides longer than
-  `MAX_NAME_BYTES` are cut and end in a hash of the whole, so every name fits any file system
-  (255 bytes a name) and stays distinct.
+  `shakegpt.configs.MAX_NAME_BYTES` are cut and end in a hash of the whole (`path_safe`), so every
+  name fits any file system (255 bytes a name) and stays distinct.
 A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…`) is used as given.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, open_dict, read_write
 
 from shakegpt.errors import ShakeGPTError
 
-MAX_NAME_BYTES = 120  # of a job directory's overrides part; file systems allow 255 bytes a name
 MAX_CLAIM_TRIES = 1000
-
-
-def path_safe(text: Any) -> str:
-    """A sweep job's overrides as one directory name: `/` -> `-`, at most MAX_NAME_BYTES bytes."""
-    s = str(text).replace("/", "-")
-    raw = s.encode("utf-8")
-    if len(raw) <= MAX_NAME_BYTES:
-        return s
-    digest = hashlib.sha1(raw).hexdigest()[:10]
-    head = raw[: MAX_NAME_BYTES - len(digest) - 1].decode("utf-8", errors="ignore")
-    return f"{head}~{digest}"
-
-
-OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 
 
 def claim(base: Path) -> Path:

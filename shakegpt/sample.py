@@ -14,11 +14,11 @@ import torch
 from omegaconf import DictConfig
 
 from shakegpt.checkpoint import load_bundle, model_from_checkpoint
+from shakegpt.configs import CONF_DIR
 from shakegpt.errors import ConfigError, exit_on_user_error
 from shakegpt.generate import check_sampling, stream_text
 from shakegpt.model import GPT
 from shakegpt.tokenizer import CharTokenizer
-from shakegpt.train import CONF_DIR
 
 
 def load_any(path: str) -> tuple[GPT, CharTokenizer]:

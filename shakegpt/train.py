@@ -25,15 +25,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
 from shakegpt.checkpoint import check_resumable
 from shakegpt.checks import check_train_config
+from shakegpt.configs import CONF_DIR
 from shakegpt.errors import ConfigError, ShakeGPTError, TrainingFailed
 from shakegpt.failures import describe_failure, report_lost_ranks
 from shakegpt.hardware import physical_cores, resolve_precision
 from shakegpt.model import seed_formula_params
 from shakegpt.module import LitGPT
-from shakegpt.rundir import PrepareRun  # noqa: F401  (registers the path_safe resolver the sweep config uses)
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

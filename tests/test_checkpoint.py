@@ -88,6 +88,16 @@ def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_pa
         load_bundle(bundle)
 
 
+def test_the_sample_command_does_not_load_lightning():
+    """Sampling needs the model and the tokenizer only: a bad value is refused without Lightning's import time."""
+    code = (
+        "import sys, shakegpt.sample; "
+        "loaded = {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics', 'shakegpt.train'}; "
+        "assert not loaded and 'shakegpt.train' not in sys.modules, loaded"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
 def sample_cli(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "-m", "shakegpt.sample", *args], cwd=cwd, capture_output=True, text=True, timeout=120

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import read_write
 
-from shakegpt.rundir import MAX_NAME_BYTES, claim, path_safe, quoted
+from shakegpt.configs import MAX_NAME_BYTES, path_safe
+from shakegpt.rundir import claim, quoted
 
 from .conftest import ROOT, TINY
 
