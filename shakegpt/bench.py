@@ -33,12 +33,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from shakegpt.configs import CONF_DIR
-from shakegpt.data import CharDataModule, RandomWindows
-from shakegpt.evaluate import full_val_pass
+from shakegpt.corpus import RandomWindows
+from shakegpt.data import CharDataModule
 from shakegpt.generate import stream
 from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.module import LitGPT, adamw, lr_factor
+from shakegpt.val_pass import full_val_pass
 
 PRESETS = ("v1", "v2", "v3", "nanogpt")
 
@@ -180,7 +181,7 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         )
         trainer.fit(module, datamodule=dm)
         # the full validation pass, as training runs it at every val_check_interval
-        _, val_seconds = full_val_pass(module, dm, precision)
+        _, val_seconds = full_val_pass(module.model, dm.val_ids, T, B, precision)
 
     flops = flops_per_step(mcfg, B, T)
     steps_s = {
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
 
-    from shakegpt.data import resolve_corpus
+    from shakegpt.corpus import resolve_corpus
 
     corpus = resolve_corpus(args.data)
     torch.set_num_threads(physical_cores())

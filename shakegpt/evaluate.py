@@ -8,64 +8,38 @@ same precision rule), so a checkpoint's numbers here equal the val/* metrics log
 from __future__ import annotations
 
 import json
-import logging
-import time
 from pathlib import Path
 
 import hydra
-import lightning as L
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
-from shakegpt.checkpoint import read_checkpoint, resolve_checkpoint
+from shakegpt.checkpoint import model_from_checkpoint, resolve_checkpoint
 from shakegpt.checks import check_writable
 from shakegpt.configs import CONF_DIR
-from shakegpt.data import CharDataModule
-from shakegpt.errors import CheckpointError, ConfigError, DataError, exit_on_user_error
+from shakegpt.corpus import read_corpus, resolve_corpus, split_ids
+from shakegpt.errors import ConfigError, DataError, exit_on_user_error
 from shakegpt.hardware import resolve_precision
-from shakegpt.module import LitGPT
-
-
-def full_val_pass(module: LitGPT, datamodule: CharDataModule, precision: str) -> tuple[dict[str, float], float]:
-    """(val metrics, seconds) of one deterministic pass over every validation window, on the CPU."""
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision=precision,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-    t = time.perf_counter()
-    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    return metrics, time.perf_counter() - t
+from shakegpt.val_pass import full_val_pass
 
 
 def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", allow_unk: bool = False) -> dict:
+    """The val metrics of one checkpoint (a file, or a run directory's best) over `data`'s validation split."""
     ckpt_file = resolve_checkpoint(path)
-    ckpt = read_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
-    try:
-        module = LitGPT(**ckpt["hyper_parameters"])
-        module.load_state_dict(ckpt["state_dict"])
-    except (TypeError, RuntimeError) as e:
-        detail = " ".join(str(e).split())[:300]
-        raise CheckpointError(
-            f"ckpt_path={ckpt_file}: the weights or settings do not fit a shakegpt model: {detail}"
-        ) from None
-    data = dict(data)
-    data["seq_len"] = data.get("seq_len") or module.config.max_seq_len
-    dm = CharDataModule(**data, vocab=module.tokenizer.chars)
-    dm.setup("validate")
-    unk = dm.val_ids == module.tokenizer.unk_id
-    unk_share = unk.float().mean().item()
+    model, tokenizer, ckpt = model_from_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
+    seq_len = data.get("seq_len") or model.cfg.max_seq_len
+    corpus = resolve_corpus(
+        data.get("path"), data.get("cache_dir"), **{k: data[k] for k in ("url", "sha256") if k in data}
+    )
+    _, val_ids = split_ids(read_corpus(corpus), tokenizer, data.get("val_fraction", 0.1), seq_len, corpus)
+    unk_share = (val_ids == tokenizer.unk_id).float().mean().item()
     if unk_share > 0 and not allow_unk:
         raise DataError(
-            f"{unk_share:.1%} of the validation characters of {dm.corpus_path} are outside the vocabulary of "
+            f"{unk_share:.1%} of the validation characters of {corpus} are outside the vocabulary of "
             f"{ckpt_file} (they would all be <unk>), so its val loss would not measure that text; evaluate on the "
             "corpus the model was trained on (data.path), or pass allow_unk=true to evaluate anyway"
         )
-    precision = resolve_precision(precision, "cpu", module.config.d_model)
-    metrics, seconds = full_val_pass(module, dm, precision)
+    precision = resolve_precision(precision, "cpu", model.cfg.d_model)
+    metrics, seconds = full_val_pass(model, val_ids, seq_len, data.get("batch_size", 64), precision)
     return {
         "ckpt": str(ckpt_file),
         "step": ckpt.get("global_step"),
@@ -74,8 +48,8 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", a
         "val_acc": metrics["val/acc"],
         "unk_share": unk_share,
         "precision": precision,
-        "seq_len": data["seq_len"],
-        "val_windows": (len(dm.val_ids) - 1) // data["seq_len"],
+        "seq_len": seq_len,
+        "val_windows": (len(val_ids) - 1) // seq_len,
         "seconds": seconds,
     }
 
@@ -90,10 +64,11 @@ def table(rows: list[dict]) -> str:
 
 def evaluate(cfg: DictConfig) -> list[dict]:
     paths = list(cfg.ckpt_path) if isinstance(cfg.ckpt_path, (list, ListConfig)) else [cfg.ckpt_path]
-    data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k != "_target_"}
+    # the data config's keys that say which text and how it is split (its seed draws training windows only)
+    keys = ("path", "cache_dir", "url", "sha256", "batch_size", "seq_len", "val_fraction")
+    data = {k: cfg.data[k] for k in keys if k in cfg.data}
     if cfg.out:  # before the work, not after it
         check_writable(Path(cfg.out).expanduser().parent, f"out={cfg.out}")
-    L.seed_everything(cfg.seed, verbose=False)
     allow_unk = bool(cfg.get("allow_unk", False))
     rows = [evaluate_checkpoint(p, data, cfg.precision, allow_unk) for p in paths]
     print(table(rows))
@@ -112,8 +87,6 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     evaluate(cfg)
 
 

@@ -55,7 +55,7 @@ def tiny_corpus() -> Path:
 @pytest.fixture(scope="session")
 def real_corpus() -> Path:
     """The real tinyshakespeare: $SHAKEGPT_DATA, else ../shared beside the repo, else the cache/download."""
-    from shakegpt.data import resolve_corpus
+    from shakegpt.corpus import resolve_corpus
 
     if os.environ.get("SHAKEGPT_DATA"):
         return Path(os.environ["SHAKEGPT_DATA"])

@@ -88,11 +88,12 @@ def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_pa
         load_bundle(bundle)
 
 
-def test_the_sample_command_does_not_load_lightning():
-    """Sampling needs the model and the tokenizer only: a bad value is refused without Lightning's import time."""
+@pytest.mark.parametrize("command", ["shakegpt.sample", "shakegpt.evaluate"])
+def test_sampling_and_evaluating_do_not_load_lightning_or_the_training_entry(command):
+    """They need the model, the tokenizer and the corpus only: no Lightning import time."""
     code = (
-        "import sys, shakegpt.sample; "
-        "loaded = {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics', 'shakegpt.train'}; "
+        f"import sys, {command}; "
+        "loaded = {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics'}; "
         "assert not loaded and 'shakegpt.train' not in sys.modules, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from shakegpt.checks import check_train_config, check_writable
-from shakegpt.data import CharDataModule, smallest_id_dtype
+from shakegpt.corpus import smallest_id_dtype
+from shakegpt.data import CharDataModule
 from shakegpt.errors import CheckpointError, ConfigError, DataError
 from shakegpt.generate import sample_next
 from shakegpt.sample import check_device

@@ -3,15 +3,15 @@ import hashlib
 import pytest
 import torch
 
-from shakegpt.data import (
+from shakegpt.corpus import (
     TINYSHAKESPEARE_SHA256,
-    CharDataModule,
-    DataError,
     RandomWindows,
     ValWindows,
     read_corpus,
     resolve_corpus,
 )
+from shakegpt.data import CharDataModule
+from shakegpt.errors import DataError
 
 OFFLINE_URL = "http://127.0.0.1:9/input.txt"  # the discard port on loopback: refused at once
 

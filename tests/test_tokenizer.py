@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shakegpt.data import read_corpus
+from shakegpt.corpus import read_corpus
 from shakegpt.tokenizer import CharTokenizer
 
 
