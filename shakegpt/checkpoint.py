@@ -71,23 +71,9 @@ def resolve_resume(path: str | Path) -> Path:
     return p
 
 
-# what a checkpoint's weights are laid out by (dropout or the learning rate may change on resume)
-ARCHITECTURE = (
-    "vocab_size",
-    "d_model",
-    "n_layer",
-    "n_head",
-    "d_ff",
-    "bias",
-    "tie_weights",
-    "pos_encoding",
-    "max_seq_len",
-)
-
-
-def check_resumable(path: str | Path, model: GPTConfig, max_steps: int) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint file, its hyperparameters) for resuming a run of `model` up to `max_steps`:
-    the file holds the full training state, the same architecture, and a step before max_steps."""
+def check_resumable(path: str | Path, model: GPTConfig, max_steps: int, vocab: str | None = None) -> Path:
+    """The checkpoint file for resuming a run of `model` on `vocab` up to `max_steps`: it holds the
+    full training state, the same architecture and vocabulary, and a step before max_steps."""
     f = resolve_resume(path)
     ckpt = read_checkpoint(f)
     hp = ckpt["hyper_parameters"]
@@ -95,7 +81,9 @@ def check_resumable(path: str | Path, model: GPTConfig, max_steps: int) -> tuple
         theirs, ours = GPTConfig.from_dict(dict(hp["model"])).to_dict(), model.to_dict()
     except ConfigError as e:
         raise CheckpointError(f"ckpt_path={f}: its model config is invalid: {e}") from None
-    differ = [f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in ARCHITECTURE if theirs[k] != ours[k]]
+    differ = [
+        f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in GPTConfig.ARCHITECTURE if theirs[k] != ours[k]
+    ]
     if differ:
         raise ConfigError(f"ckpt_path={f} is from a different model ({'; '.join(differ)}); resume with its config")
     if not ckpt.get("optimizer_states") or "global_step" not in ckpt:
@@ -109,7 +97,12 @@ def check_resumable(path: str | Path, model: GPTConfig, max_steps: int) -> tuple
             f"ckpt_path={f} is at step {step} and trainer.max_steps={max_steps}: that run has already finished; "
             f"raise trainer.max_steps above {step} to train it further"
         )
-    return f, hp
+    if vocab is not None and hp["vocab"] != vocab:
+        raise ConfigError(
+            f"ckpt_path={f} was trained on a vocabulary of {len(hp['vocab'])} characters, this corpus has "
+            f"{len(vocab)}; resume with the corpus it was trained on (data.path)"
+        )
+    return f
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

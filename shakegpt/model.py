@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,19 @@ class GPTConfig:
     max_seq_len: int = 256
     pos_encoding: str = "learned"
     rope_base: float = 10000.0
+
+    # the fields a checkpoint's weights are laid out by: resuming must keep them (dropout may change)
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "d_model",
+        "n_layer",
+        "n_head",
+        "d_ff",
+        "bias",
+        "tie_weights",
+        "pos_encoding",
+        "max_seq_len",
+    )
 
     def __post_init__(self):
         if self.d_ff is None:

@@ -14,6 +14,7 @@ A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,10 @@ class PrepareRun(Callback):
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = str(target)
             config.hydra.runtime.output_dir = str(target.absolute())
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Delete the directory of a run that stopped before training started: it holds only Hydra's
+    record and a log ending in the error just printed, and would clutter outputs/."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import sys
-import traceback
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +16,19 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import DictConfig, OmegaConf
 
 from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
 from shakegpt.checkpoint import check_resumable
 from shakegpt.checks import check_train_config
 from shakegpt.configs import CONF_DIR
-from shakegpt.errors import ConfigError, ShakeGPTError, TrainingFailed
-from shakegpt.failures import describe_failure, report_lost_ranks
+from shakegpt.errors import ShakeGPTError, TrainingFailed
+from shakegpt.failures import describe_failure, report_lost_ranks, traceback_to_log_file
 from shakegpt.hardware import physical_cores, resolve_precision
-from shakegpt.model import seed_formula_params
+from shakegpt.hparams import hparams_of, param_counts
 from shakegpt.module import LitGPT
+from shakegpt.rundir import remove_if_empty
+from shakegpt.sweep_ddp import sweep_job
 
 log = logging.getLogger(__name__)
 
@@ -43,53 +41,6 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         if isinstance(e.__cause__, ShakeGPTError):
             raise e.__cause__ from None
         raise
-
-
-def hparams_of(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, Any]:
-    """The run's hyperparameters as one flat dict (model.*, data.*, optim.*, a few trainer.*), for
-    TensorBoard's HParams tab; the preset names chosen on the command line are included."""
-    keep = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "data": {k: cfg.data[k] for k in ("batch_size", "seq_len")},
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "trainer": {k: cfg.trainer.get(k) for k in ("max_steps", "precision", "devices", "gradient_clip_val")},
-        "seed": cfg.seed,
-    }
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            flat[prefix] = node
-
-    walk("", keep)
-    for group in ("model", "model/pos_encoding", "experiment"):
-        if choices and choices.get(group):
-            flat[f"preset.{group}"] = choices[group]
-    return flat
-
-
-def log_param_counts(module: LitGPT, seq_len: int) -> dict[str, int]:
-    parts = module.model.param_breakdown()
-    exact, seed = sum(parts.values()), seed_formula_params(module.config, seq_len)
-    log.info(
-        "parameters: %s exact (%s); %s by the seed's formula (its LayerNorms are (seq, d_model) planes)",
-        f"{exact:,}",
-        ", ".join(f"{k} {v:,}" for k, v in parts.items() if v),
-        f"{seed:,}",
-    )
-    return {"params_exact": exact, "params_seed_formula": seed}
-
-
-def check_vocabulary(ckpt_path: Path, ckpt_vocab: str, vocab: str) -> None:
-    """A checkpoint to resume from must have been trained on this corpus's vocabulary."""
-    if ckpt_vocab != vocab:
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} was trained on a vocabulary of {len(ckpt_vocab)} characters, this corpus has "
-            f"{len(vocab)}; resume with the corpus it was trained on (data.path)"
-        )
 
 
 def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, float]:
@@ -106,14 +57,13 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     )
     ckpt_path = None
     if cfg.get("ckpt_path"):
-        ckpt_path, ckpt_hp = check_resumable(cfg.ckpt_path, module.config, cfg.trainer.max_steps)
-        check_vocabulary(ckpt_path, ckpt_hp["vocab"], module.hparams.vocab)
+        ckpt_path = check_resumable(cfg.ckpt_path, module.config, cfg.trainer.max_steps, module.hparams.vocab)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision)
     if "OMP_NUM_THREADS" not in os.environ:  # DDP sets it to cores / processes
         torch.set_num_threads(physical_cores())
-    params = hparams_of(cfg, choices) | log_param_counts(module, cfg.data.seq_len) | {"trainer.precision": precision}
+    params = hparams_of(cfg, choices) | param_counts(module.model, cfg.data.seq_len) | {"trainer.precision": precision}
 
     callbacks = [build(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     # Lightning refuses a bar or a checkpoint callback it was told not to use: leave them out instead
@@ -159,39 +109,6 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     return metrics
 
 
-def remove_if_empty(run_dir: Path) -> None:
-    """Delete the directory of a run that stopped before training started: it holds only Hydra's
-    record and a log ending in the error just printed, and would clutter outputs/."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
-
-
-@contextmanager
-def sweep_job():
-    """Inside a Hydra multirun, make Lightning's DDP launcher start this job's other ranks, not a sweep.
-
-    Lightning starts ranks 1.. by running `sys.argv` again with `hydra.run.dir=<HydraConfig run.dir>`
-    appended. Under `-m`, sys.argv is the whole sweep, so every rank would start a sweep of its own
-    (Lightning #11300, Hydra #2070). For the job's duration the argv becomes this job's own overrides
-    and the run dir this job's directory, so rank 1 joins this job, in it, once. Afterwards the
-    environment is restored: the launcher leaves LOCAL_RANK, WORLD_SIZE, MASTER_PORT… behind, and
-    the next job would take them to mean its ranks were started by someone else, and wait forever."""
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        yield
-        return
-    argv, env = sys.argv, dict(os.environ)
-    sys.argv = [sys.argv[0], *hc.overrides.task]
-    with read_write(hc), open_dict(hc):
-        hc.run.dir = hc.runtime.output_dir
-    try:
-        yield
-    finally:
-        sys.argv = argv
-        os.environ.clear()
-        os.environ.update(env)
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
@@ -212,16 +129,3 @@ def main(cfg: DictConfig) -> float | None:
             raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
         return metrics[name]
     return None
-
-
-def traceback_to_log_file(e: BaseException) -> None:
-    """Write the traceback of a failure to the run's log file (not to the terminal)."""
-    text = "".join(traceback.format_exception(e))
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                handler.stream.write(text)
-                handler.flush()
-            finally:
-                handler.release()

@@ -141,7 +141,6 @@ def test_every_preset_and_encoding_trains(make_cfg, preset, pos):
         "optim.lr=1e-3",
     )
     metrics = train(cfg)
-    assert metrics["val/loss_best"] <= metrics["val/loss"]
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/acc"))
 
     # and its model overfits one batch

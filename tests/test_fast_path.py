@@ -73,10 +73,9 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     r = saved["results"][0]
     assert set(r["step_s"]) == {"naive", "fast", "bare"} and all(v > 0 for v in r["step_s"].values())
     assert [len(v) for v in r["raw_step_s"].values()] == [2, 4, 4]  # naive, fast, bare
-    assert r["speedup_fast_vs_naive"] == pytest.approx(r["step_s"]["naive"] / r["step_s"]["fast"])
     assert saved["peak_flops"]["bf16"] > 0 and r["val_pass_s"] > 0
     g = saved["generation"]
-    assert g["num_chars"] == 20 and g["speedup"] == pytest.approx(g["full_s"] / g["cached_s"])
+    assert g["num_chars"] == 20 and g["full_s"] > 0 and g["cached_s"] > 0
     printed = capsys.readouterr().out
     assert "fast/naive" in printed and "KV cache" in printed
 
