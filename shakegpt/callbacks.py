@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from shakegpt.errors import ShakeGPTError
+from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +98,14 @@ class TextSample(L.Callback):
         self,
         prompt: str = "\n",
         num_chars: int = 300,
-        temperature: float = 0.8,
-        top_k: int | None = None,
+        *,
+        temperature: float = TEMPERATURE,
+        top_k: int | None = TOP_K,
+        top_p: float | None = TOP_P,
         seed: int = 0,
     ):
-        self.prompt, self.num_chars, self.temperature, self.top_k, self.seed = (
-            prompt,
-            num_chars,
-            temperature,
-            top_k,
-            seed,
-        )
+        self.prompt, self.num_chars, self.seed = prompt, num_chars, seed
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -116,7 +114,7 @@ class TextSample(L.Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
-        text = pl_module.generate_text(self.prompt, self.num_chars, self.temperature, self.top_k, self.seed)
+        text = pl_module.generate_text(self.prompt, self.num_chars, seed=self.seed, **self.sampling)
         for lg in loggers:
             # TensorBoard renders text as markdown: indent it as a code block to keep the line breaks
             lg.experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)

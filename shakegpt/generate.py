@@ -18,6 +18,12 @@ from shakegpt.errors import ConfigError
 from shakegpt.model import GPT, KVCache
 from shakegpt.tokenizer import CharTokenizer
 
+# the one set of sampling defaults: this API, `python -m shakegpt.sample` and training's text
+# samples (conf/sampling/default.yaml, tested to agree)
+TEMPERATURE: float = 0.8
+TOP_K: int | None = None
+TOP_P: float | None = None
+
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
     """Refuse sampling settings that cannot work, naming the key (`prefix` + name) and the value."""
@@ -31,9 +37,10 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, p
 
 def sample_next(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> one sampled id per row, (B, 1)."""
@@ -58,9 +65,10 @@ def stream(
     model: GPT,
     prompt: torch.Tensor,
     num_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
     generator: torch.Generator | None = None,
     num_allowed: int | None = None,
     use_cache: bool = True,
@@ -88,7 +96,9 @@ def stream(
                 logits = model(ctx, 0, cache)
             else:  # only the newest token goes through the model
                 logits = model(ctx[:, -1:], len(cache), cache)
-            nxt = sample_next(logits[:, -1, :num_allowed], temperature, top_k, top_p, generator)
+            nxt = sample_next(
+                logits[:, -1, :num_allowed], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
             yield nxt
             ctx = torch.cat((ctx, nxt), dim=1)
             if ctx.size(1) > window:
@@ -107,9 +117,10 @@ def stream_text(
     tokenizer: CharTokenizer,
     prompt: str,
     num_chars: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    *,
+    temperature: float = TEMPERATURE,
+    top_k: int | None = TOP_K,
+    top_p: float | None = TOP_P,
     seed: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
@@ -121,5 +132,16 @@ def stream_text(
         generator = torch.Generator(device=device)
         generator.manual_seed(seed) if seed is not None else generator.seed()
     idx = tokenizer.encode(prompt)[None].to(device)
-    for nxt in stream(model, idx, num_chars, temperature, top_k, top_p, generator, tokenizer.unk_id, use_cache):
+    sampled = stream(
+        model,
+        idx,
+        num_chars,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        num_allowed=tokenizer.unk_id,
+        use_cache=use_cache,
+    )
+    for nxt in sampled:
         yield tokenizer.decode(nxt[0])

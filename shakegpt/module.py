@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from shakegpt.checks import check_optim
 from shakegpt.errors import ConfigError, DivergedError
-from shakegpt.generate import stream_text
+from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P, stream_text
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.tokenizer import CharTokenizer
 
@@ -219,13 +219,25 @@ class LitGPT(L.LightningModule):
         self,
         prompt: str = "\n",
         num_chars: int = 300,
-        temperature: float = 0.8,
-        top_k: int | None = None,
+        *,
+        temperature: float = TEMPERATURE,
+        top_k: int | None = TOP_K,
+        top_p: float | None = TOP_P,
         seed: int = 0,
-        top_p: float | None = None,
     ) -> str:
         """Sample `num_chars` characters after `prompt`; the same seed gives the same text."""
-        return "".join(stream_text(self.model, self.tokenizer, prompt, num_chars, temperature, top_k, top_p, seed))
+        return "".join(
+            stream_text(
+                self.model,
+                self.tokenizer,
+                prompt,
+                num_chars,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                seed=seed,
+            )
+        )
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -75,7 +75,14 @@ def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
         out.write(prompt)
         chars = []
         for ch in stream_text(
-            model, tokenizer, prompt, cfg.num_chars, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator
+            model,
+            tokenizer,
+            prompt,
+            cfg.num_chars,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            generator=generator,
         ):
             chars.append(ch)
             out.write(ch)

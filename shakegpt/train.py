@@ -104,7 +104,9 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
             log.info("best checkpoint: %s (val loss %.4f)", ckpt.best_model_path, ckpt.best_model_score)
         if cfg.sample.num_chars > 0:
             s = cfg.sample
-            text = module.generate_text(s.prompt, s.num_chars, s.temperature, s.top_k, s.seed)
+            text = module.generate_text(
+                s.prompt, s.num_chars, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
+            )
             print(f"\n--- sample after {trainer.global_step} steps ---\n{text}\n---", flush=True)
     return metrics
 

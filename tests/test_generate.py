@@ -118,3 +118,31 @@ def test_stream_text_yields_characters_of_the_vocabulary():
     chars = list(stream_text(model, tok, "a?b", 30, seed=2))  # '?' is outside the vocabulary: <unk>
     assert len(chars) == 30 and set("".join(chars)) <= set("abc\n")
     assert "".join(chars) == "".join(stream_text(model, tok, "a?b", 30, seed=2))
+
+
+def test_one_set_of_sampling_defaults_everywhere(make_cfg):
+    """The Python API, the sample command's config and training's text samples agree, and the
+    sampling settings are keyword-only everywhere (so no call passes them in the wrong order)."""
+    import inspect
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from shakegpt.callbacks import TextSample
+    from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P, stream
+    from shakegpt.module import LitGPT
+
+    from .conftest import CONF
+
+    defaults = {"temperature": TEMPERATURE, "top_k": TOP_K, "top_p": TOP_P}
+    assert OmegaConf.to_container(OmegaConf.load(CONF / "sampling" / "default.yaml")) == defaults
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        sample_cfg = compose("sample", overrides=["ckpt_path=x"])
+    train_cfg = make_cfg(shrink=False)
+    for name, value in defaults.items():
+        assert sample_cfg[name] == value and train_cfg.sample[name] == value, name
+        assert train_cfg.callbacks.text_sample[name] == value, name
+    for fn in (sample_next, stream, stream_text, LitGPT.generate_text, TextSample.__init__):
+        params = inspect.signature(fn).parameters
+        for name, value in defaults.items():
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY and params[name].default == value, (fn, name)

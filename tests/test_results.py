@@ -107,6 +107,9 @@ def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     # only when last.ckpt is written (at every validation, not only beside a new best), not training
     if kept.callbacks.checkpoint._target_ == "lightning.pytorch.callbacks.ModelCheckpoint":
         kept.callbacks.checkpoint._target_ = "shakegpt.callbacks.RunCheckpoint"
+    # and before the text samples could take top_p (null then and by default now: the same samples)
+    if "top_p" not in kept.callbacks.text_sample:
+        kept.callbacks.text_sample.top_p = "${sample.top_p}"
     now = compose_cfg(ROOT / "outputs", *overrides, shrink=False)
     assert now.seed == kept.seed
     for group in ("model", "optim", "data", "trainer", "callbacks"):
