@@ -7,9 +7,9 @@ projection before it joins the residual stream, and on the feed-forward output b
 residual stream. Attention probabilities get their own rate `attn_dropout` (0 by default: any
 non-zero rate pushes `scaled_dot_product_attention` off its fused CPU kernel).
 
-On the CPU, dropout masks come from random bytes (`ByteDropout`), about 5x cheaper than torch's
-`bernoulli_`, which otherwise takes a sixth of a training step; `fast_dropout=False` restores
-`nn.Dropout`.
+The CPU speed devices it uses (byte-mask dropout, the one-row matmul split of generation) live in
+`shakegpt.fast_cpu`; `fast_dropout=False` restores torch's dropout. Training and cached generation
+run the same forward: a new norm or feed-forward is written once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shakegpt.errors import ConfigError
+from shakegpt.fast_cpu import ByteDropout, linear
 from shakegpt.pos_encoding import POS_ENCODINGS, PositionEncoding, build_pos_encoding
 
 
@@ -96,54 +97,6 @@ class GPTConfig:
         return asdict(self)
 
 
-class ByteDropout(nn.Module):
-    """Inverted dropout whose keep-mask is drawn as random bytes: one 64-bit draw serves eight
-    elements, so masks cost about a fifth of `bernoulli_` on the CPU. An element is kept when its
-    byte is >= round(256 * p), so the rate is p rounded to a multiple of 1/256 (0.1 -> 0.102,
-    0.2 -> 0.199). Other devices use `F.dropout`, which is already cheap there."""
-
-    def __init__(self, p: float, fast: bool = True):
-        super().__init__()
-        self.p, self.fast = p, fast
-        self.threshold = round(256 * p)
-        self.scale = 256 / (256 - self.threshold) if self.threshold < 256 else 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        if not self.fast or x.device.type != "cpu":
-            return F.dropout(x, self.p, True)
-        n = x.numel()
-        words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
-        keep = words.view(torch.uint8)[:n].view(x.shape) >= self.threshold
-        return x * keep.to(x.dtype).mul_(self.scale)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, fast={self.fast}"
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` for the one-token generation step (`GPT._decode`). A one-row fp32 matmul runs on
-    one core and is bound by reading the weight; splitting the weight's output rows into one batch
-    per thread lets every core read its share (about 2x at the v3 shape on 2 cores). Other shapes,
-    dtypes and devices, and anything that needs gradients, take `F.linear` unchanged."""
-    out, inp = weight.shape
-    k = torch.get_num_threads()
-    if (
-        x.numel() != inp
-        or k < 2
-        or out % k
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
-        or x.device.type != "cpu"
-        or torch.is_grad_enabled()
-    ):
-        return F.linear(x, weight, bias)
-    y = torch.bmm(x.reshape(1, 1, inp).expand(k, 1, inp), weight.view(k, out // k, inp).transpose(1, 2))
-    y = y.view(*x.shape[:-1], out)
-    return y if bias is None else y + bias
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -163,9 +116,13 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, H, T, hd)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (B, T, 3C) -> three (B, H, T, hd): few ops, since in generation each op's overhead counts
+        q, k, v = (
+            linear(x, self.qkv.weight, self.qkv.bias)
+            .view(B, T, 3, self.n_head, C // self.n_head)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         q, k = pos.rotate(q, k, offset)
         if cache is not None:  # prepend the keys and values of the tokens before this chunk
             k, v = cache.extend(layer, k, v)
@@ -179,8 +136,8 @@ class CausalSelfAttention(nn.Module):
         else:  # a chunk after a cached prefix: query i sees keys up to offset + i
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight, self.proj.bias)
+        return self.resid_dropout(y) if self.training else y  # (dropout is a no-op in eval: skip its call)
 
 
 class KVCache:
@@ -220,7 +177,8 @@ class FeedForward(nn.Module):
         self.dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        y = linear(F.gelu(linear(x, self.up.weight, self.up.bias)), self.down.weight, self.down.bias)
+        return self.dropout(y) if self.training else y
 
 
 class Block(nn.Module):
@@ -243,8 +201,11 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), pos, bias, offset, cache, layer)
-        return x + self.ffn(self.ln2(x))
+        # generation's one-token step skips nn.Module's call overhead (hooks on these two do not run then)
+        decoding = cache is not None and x.size(1) == 1 and not self.training
+        attn, ffn = (self.attn.forward, self.ffn.forward) if decoding else (self.attn, self.ffn)
+        x = x + attn(self.ln1(x), pos, bias, offset, cache, layer)
+        return x + ffn(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -283,32 +244,16 @@ class GPT(nn.Module):
                 f"sequence of {offset + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "shorten the input or raise model.max_seq_len"
             )
-        if T == 1 and cache is not None and not self.training:
-            return self._decode(idx, offset, cache)
-        x = self.drop(self.pos.embed(self.tok_emb(idx), offset))  # (B, T, C)
+        x = self.pos.embed(self.tok_emb(idx), offset)  # (B, T, C)
+        if self.training:
+            x = self.drop(x)
         bias = self.pos.attn_bias(T, offset, x.dtype, x.device)  # (H, T, offset + T) or None
+        # one new token with a cache (generation's inner loop): call the blocks' forward directly,
+        # since at this size the per-call overhead of nn.Module is a tenth of a step
+        decoding = T == 1 and cache is not None and not self.training
         for i, block in enumerate(self.blocks):
-            x = block(x, self.pos, bias, offset, cache, i)
-        return self.head(self.ln_f(x))  # (B, T, vocab)
-
-    def _decode(self, idx: torch.Tensor, offset: int, cache: KVCache) -> torch.Tensor:
-        """`forward` for one new token per sequence in eval mode, the inner loop of generation with a
-        KV cache: the blocks' computation written out with only the ops one token needs (no dropout,
-        no module calls), since at this size the per-op overhead is a third of the time."""
-        B, C, H = idx.size(0), self.cfg.d_model, self.cfg.n_head
-        x = self.pos.embed(self.tok_emb(idx), offset)  # (B, 1, C)
-        bias = self.pos.attn_bias(1, offset, x.dtype, x.device)  # (H, 1, offset + 1) or None
-        for i, block in enumerate(self.blocks):
-            attn, ffn, ln1, ln2 = block.attn, block.ffn, block.ln1, block.ln2
-            h = F.layer_norm(x, (C,), ln1.weight, ln1.bias)
-            q, k, v = linear(h, attn.qkv.weight, attn.qkv.bias).view(B, 3, H, 1, C // H).unbind(1)  # (B, H, 1, hd)
-            q, k = self.pos.rotate(q, k, offset)
-            k, v = cache.extend(i, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, 1, hd)
-            x = x + linear(y.reshape(B, 1, C), attn.proj.weight, attn.proj.bias)
-            h = F.layer_norm(x, (C,), ln2.weight, ln2.bias)
-            x = x + linear(F.gelu(linear(h, ffn.up.weight, ffn.up.bias)), ffn.down.weight, ffn.down.bias)
-        return linear(F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias), self.head.weight)
+            x = (block.forward if decoding else block)(x, self.pos, bias, offset, cache, i)
+        return linear(self.ln_f(x), self.head.weight)  # (B, T, vocab)
 
     def param_breakdown(self) -> dict[str, int]:
         """Exact trainable parameter count per component; the values sum to the model's total

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shakegpt import bench, hardware
-from shakegpt.model import ByteDropout
+from shakegpt.fast_cpu import ByteDropout
 from shakegpt.train import train
 
 from .conftest import TINY

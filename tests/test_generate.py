@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from shakegpt.errors import ConfigError
+from shakegpt.fast_cpu import linear
 from shakegpt.generate import generate, sample_next, stream_text
-from shakegpt.model import GPT, GPTConfig, KVCache, linear
+from shakegpt.model import GPT, GPTConfig, KVCache
 from shakegpt.pos_encoding import POS_ENCODINGS
 from shakegpt.tokenizer import CharTokenizer
 
