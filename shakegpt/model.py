@@ -76,8 +76,7 @@ class GPTConfig:
             raise ConfigError(
                 f"model.pos_encoding={self.pos_encoding!r} is unknown; choose one of {', '.join(POS_ENCODINGS)}"
             )
-        if self.pos_encoding == "rope" and self.head_dim % 2:
-            raise ConfigError(f"rope needs an even head size, got d_model/n_head = {self.head_dim}")
+        POS_ENCODINGS[self.pos_encoding].check(self)
         if self.rope_base <= 1.0:
             raise ConfigError(f"model.rope_base={self.rope_base!r} is invalid; it must be > 1")
 
@@ -215,7 +214,7 @@ class GPT(nn.Module):
             cfg = GPTConfig.from_dict(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = build_pos_encoding(cfg.pos_encoding, cfg.max_seq_len, cfg.d_model, cfg.n_head, cfg.rope_base)
+        self.pos = build_pos_encoding(cfg)
         self.drop = ByteDropout(cfg.dropout, cfg.fast_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)

@@ -9,6 +9,10 @@ A position encoding can act at three places in the network, and each one uses on
 
 ``offset`` is the absolute position of the first token in the current chunk (0 for training; the
 number of cached tokens when generating with a KV cache).
+
+Each encoding is registered by name (``@register("rope")``) and built from the model config by its
+``from_config``; ``check`` refuses a config it cannot work with. A new encoding is one class here
+and one yaml in conf/model/pos_encoding/.
 """
 
 from __future__ import annotations
@@ -20,11 +24,30 @@ from torch import nn
 
 from shakegpt.errors import ConfigError
 
-POS_ENCODINGS = ("sinusoidal", "learned", "rope", "alibi", "none")
+POS_ENCODINGS: dict[str, type[PositionEncoding]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a position encoding available as `model.pos_encoding=<name>`."""
+
+    def add(cls: type[PositionEncoding]) -> type[PositionEncoding]:
+        POS_ENCODINGS[name] = cls
+        return cls
+
+    return add
 
 
 class PositionEncoding(nn.Module):
     """No position information at all: the causal mask alone lets the model infer position."""
+
+    @classmethod
+    def from_config(cls, cfg) -> PositionEncoding:
+        """Build from a GPTConfig (max_seq_len, d_model, n_head, head_dim, rope_base, ...)."""
+        return cls()
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raise ConfigError for a GPTConfig this encoding cannot work with."""
 
     def embed(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         return x
@@ -36,8 +59,13 @@ class PositionEncoding(nn.Module):
         return None
 
 
+@register("sinusoidal")
 class Sinusoidal(PositionEncoding):
     """Fixed sin/cos table of "Attention is all you need" (the seed's "PE function")."""
+
+    @classmethod
+    def from_config(cls, cfg) -> Sinusoidal:
+        return cls(cfg.max_seq_len, cfg.d_model)
 
     def __init__(self, max_seq_len: int, d_model: int):
         super().__init__()
@@ -53,8 +81,13 @@ class Sinusoidal(PositionEncoding):
         return x + self.table[offset : offset + x.size(1)]  # (B, T, C) + (T, C)
 
 
+@register("learned")
 class Learned(PositionEncoding):
     """A trained table of one vector per position (v3's "Embedding", nanoGPT's wpe)."""
+
+    @classmethod
+    def from_config(cls, cfg) -> Learned:
+        return cls(cfg.max_seq_len, cfg.d_model)
 
     def __init__(self, max_seq_len: int, d_model: int):
         super().__init__()
@@ -65,9 +98,19 @@ class Learned(PositionEncoding):
         return x + self.table(pos)
 
 
+@register("rope")
 class Rope(PositionEncoding):
     """Rotary embeddings: rotate each (even, odd) pair of q/k channels by a position-dependent angle,
     so that q·k depends only on the distance between positions."""
+
+    @classmethod
+    def from_config(cls, cfg) -> Rope:
+        return cls(cfg.max_seq_len, cfg.head_dim, cfg.rope_base)
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.head_dim % 2:
+            raise ConfigError(f"rope needs an even head size, got d_model/n_head = {cfg.head_dim}")
 
     def __init__(self, max_seq_len: int, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -87,8 +130,13 @@ class Rope(PositionEncoding):
         return self._turn(q, cos, sin), self._turn(k, cos, sin)
 
 
+@register("alibi")
 class Alibi(PositionEncoding):
     """ALiBi: no embedding; each head penalises attention linearly in the query-key distance."""
+
+    @classmethod
+    def from_config(cls, cfg) -> Alibi:
+        return cls(cfg.n_head)
 
     def __init__(self, n_head: int):
         super().__init__()
@@ -101,6 +149,9 @@ class Alibi(PositionEncoding):
         bias = -self.slopes[:, None, None] * dist  # (H, Tq, Tk)
         bias = bias.masked_fill(dist < 0, float("-inf"))
         return bias.to(dtype)
+
+
+register("none")(PositionEncoding)
 
 
 def alibi_slopes(n_head: int) -> torch.Tensor:
@@ -120,15 +171,8 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def build_pos_encoding(name: str, max_seq_len: int, d_model: int, n_head: int, rope_base: float) -> PositionEncoding:
-    if name == "sinusoidal":
-        return Sinusoidal(max_seq_len, d_model)
-    if name == "learned":
-        return Learned(max_seq_len, d_model)
-    if name == "rope":
-        return Rope(max_seq_len, d_model // n_head, rope_base)
-    if name == "alibi":
-        return Alibi(n_head)
-    if name == "none":
-        return PositionEncoding()
-    raise ConfigError(f"unknown pos_encoding {name!r}; choose one of {', '.join(POS_ENCODINGS)}")
+def build_pos_encoding(cfg) -> PositionEncoding:
+    """The position encoding a GPTConfig names."""
+    if cfg.pos_encoding not in POS_ENCODINGS:
+        raise ConfigError(f"unknown pos_encoding {cfg.pos_encoding!r}; choose one of {', '.join(POS_ENCODINGS)}")
+    return POS_ENCODINGS[cfg.pos_encoding].from_config(cfg)

@@ -130,7 +130,7 @@ def test_command_line_overrides_win_over_presets(make_cfg):
     assert cfg.model.max_seq_len == 128  # follows data.seq_len
 
 
-@pytest.mark.parametrize("pos", POS_ENCODINGS)
+@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_and_encoding_trains(make_cfg, preset, pos):
     cfg = make_cfg(

@@ -33,3 +33,16 @@ def test_each_row_is_a_test_that_asserts_its_message(message, test):
     assert fragments, message
     for fragment in fragments:
         assert fragment in plain, f"{test} does not assert {fragment!r}"
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.name} links to {target}, which does not exist"
+            checked += 1
+    assert checked >= 4

@@ -41,7 +41,7 @@ def test_one_row_linear_equals_f_linear(two_threads):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("pos", POS_ENCODINGS)
+@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
 @torch.no_grad()  # as generation runs: one-row matmuls take the split path
 def test_cached_logits_equal_the_full_forward(pos, batch, two_threads):
     model = tiny(pos, bias=batch == 1, vocab_size=12)
@@ -61,7 +61,7 @@ def test_cached_logits_equal_the_full_forward(pos, batch, two_threads):
         cache.extend(0, kv[:, :, :1], kv[:, :, :1])
 
 
-@pytest.mark.parametrize("pos", POS_ENCODINGS)
+@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
 def test_cache_and_no_cache_draw_the_same_tokens_past_the_context(pos):
     model = tiny(pos)
     prompt = torch.randint(0, 11, (2, 5))

@@ -10,7 +10,7 @@ def tiny(**kw) -> GPTConfig:
     return GPTConfig(**(base | kw))
 
 
-@pytest.mark.parametrize("pos", POS_ENCODINGS)
+@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
 @pytest.mark.parametrize("bias", [False, True])
 def test_changing_a_future_token_never_changes_earlier_logits(pos, bias):
     torch.manual_seed(0)
@@ -25,7 +25,7 @@ def test_changing_a_future_token_never_changes_earlier_logits(pos, bias):
         assert not torch.allclose(out[:, t], base[:, t]), f"{pos}: position {t} ignores its own token"
 
 
-@pytest.mark.parametrize("pos", POS_ENCODINGS)
+@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
 def test_order_of_earlier_tokens_matters_only_with_positions(pos):
     """In one layer, the last position attends to its prefix as a set unless positions are encoded:
     swapping two earlier tokens changes its logits for every encoding except `none`."""
@@ -140,3 +140,23 @@ def test_overfitting_one_batch_drives_the_loss_down():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0]
+
+
+def test_a_new_position_encoding_is_one_registered_class(request, make_cfg):
+    """Registering a class is all the code a new encoding needs: the config, the model and training take it."""
+    from shakegpt.pos_encoding import PositionEncoding, register
+    from shakegpt.train import train
+
+    request.addfinalizer(lambda: POS_ENCODINGS.pop("every_other", None))
+
+    @register("every_other")
+    class EveryOther(PositionEncoding):
+        """A toy: a +1/-1 flag on the first channel for even and odd positions."""
+
+        def embed(self, x, offset=0):
+            sign = 1.0 - 2.0 * (torch.arange(offset, offset + x.size(1)) % 2)
+            return x + torch.nn.functional.pad(sign[:, None], (0, x.size(-1) - 1))
+
+    assert isinstance(GPT(GPTConfig(pos_encoding="every_other")).pos, EveryOther)
+    metrics = train(make_cfg("model.pos_encoding=every_other", "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert metrics["val/loss"] > 0
