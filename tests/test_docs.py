@@ -46,3 +46,42 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
             assert path.exists(), f"{page.name} links to {target}, which does not exist"
             checked += 1
     assert checked >= 4
+
+
+def _leaves(node: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in node.items():
+        out |= _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def _documented(section: str) -> set[str]:
+    """The keys named in the first column of a section's table in docs/configuration.md."""
+    text = (ROOT / "docs" / "configuration.md").read_text().split(f"### {section}")[1].split("\n### ")[0]
+    keys = set()
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            keys |= set(re.findall(r"`([^`]+)`", line.split(" | ")[0]))
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("section", "config", "variants"),
+    [
+        ("Training", "train", [[], ["model/pos_encoding=rope"]]),
+        ("Sampling", "sample", [["ckpt_path=x"]]),
+        ("Evaluating", "evaluate", [["ckpt_path=x"]]),
+    ],
+)
+def test_the_configuration_reference_names_every_key(section, config, variants):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    keys = set()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for overrides in variants:
+            keys |= _leaves(OmegaConf.to_container(compose(config, overrides=overrides), resolve=False))
+    keys = {k for k in keys if not k.endswith("_target_")}
+    documented = _documented(section)
+    assert keys - documented == set(), f"keys missing from docs/configuration.md ({section})"
+    assert documented - keys == set(), f"docs/configuration.md names keys the config lacks ({section})"
