@@ -1,4 +1,4 @@
-"""shakegpt's own Lightning callbacks: the step progress bar, the seed's log line, text samples,
+"""shakegpt's own Lightning callbacks: the step progress bar, the original runs' log line, text samples,
 the TensorBoard HParams entry and the checkpoint saved when a run is interrupted; and the
 checkpoint writer that never leaves a truncated file."""
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def hms(seconds: float) -> str:
-    """Seconds -> 'h:mm:ss' (the seed log line's clock format)."""
+    """Seconds -> 'h:mm:ss' (the original runs' log line's clock format)."""
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
@@ -54,8 +54,8 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
-class SeedLogLine(L.Callback):
-    """After every validation, print the seed's line:
+class OriginalLogLine(L.Callback):
+    """After every validation, print the original shakeGPT runs' line:
     `T+ 0:40:01 - step 7657/9652: train loss 1.5231, val loss 1.6900; train acc  0.4141, val acc 0.3893; t_remain 0:10:41`
     Train figures are the mean over the steps since the previous validation."""
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from shakegpt.model import GPT, seed_formula_params
+from shakegpt.model import GPT, original_formula_params
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ def hparams_of(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[s
 def param_counts(model: GPT, seq_len: int) -> dict[str, int]:
     """The model's exact parameter count and the original runs' formula's, logged with the breakdown."""
     parts = model.param_breakdown()
-    exact, seed = sum(parts.values()), seed_formula_params(model.cfg, seq_len)
+    exact, original = sum(parts.values()), original_formula_params(model.cfg, seq_len)
     log.info(
-        "parameters: %s exact (%s); %s by the seed's formula (its LayerNorms are (seq, d_model) planes)",
+        "parameters: %s exact (%s); %s by the original runs' formula (its LayerNorms are (seq, d_model) planes)",
         f"{exact:,}",
         ", ".join(f"{k} {v:,}" for k, v in parts.items() if v),
-        f"{seed:,}",
+        f"{original:,}",
     )
-    return {"params_exact": exact, "params_seed_formula": seed}
+    return {"params_exact": exact, "params_original_formula": original}

@@ -33,7 +33,7 @@ class GPTConfig:
     d_model: int = 128
     n_layer: int = 4
     n_head: int = 4
-    d_ff: int | None = None  # FFN hidden size; None means 4 * d_model (nanoGPT); the seed uses 2 * d_model
+    d_ff: int | None = None  # FFN hidden size; None means 4 * d_model (nanoGPT); the original runs use 2 * d_model
     dropout: float = 0.0
     attn_dropout: float = 0.0
     fast_dropout: bool = True  # ByteDropout on the CPU (rate rounded to 1/256); False: nn.Dropout
@@ -182,7 +182,7 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block. LayerNorm acts on each position's d_model vector alone, so no
-    information flows from later to earlier positions (the seed's (seq, d_model) LayerNorm leaks)."""
+    information flows from later to earlier positions (the original runs' (seq, d_model) LayerNorm leaks)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -286,8 +286,8 @@ class GPT(nn.Module):
         return total
 
 
-def seed_formula_params(cfg: GPTConfig, seq_len: int) -> int:
-    """The seed's own count: d_m·d_in + 2·d_m·seq + N·(4·d_m² + 4·d_m·seq + 2·d_m·d_h) + d_m·d_in,
+def original_formula_params(cfg: GPTConfig, seq_len: int) -> int:
+    """The original shakeGPT runs' own count: d_m·d_in + 2·d_m·seq + N·(4·d_m² + 4·d_m·seq + 2·d_m·d_h) + d_m·d_in,
     plus seq·d_m for a learned position table. Its LayerNorms have affine shape (seq, d_model),
     hence the d_m·seq terms; it counts no Linear biases and an untied head."""
     d, n, v, h = cfg.d_model, cfg.n_layer, cfg.vocab_size, cfg.d_ff

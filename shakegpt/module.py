@@ -141,7 +141,7 @@ class LitGPT(L.LightningModule):
             "val/bpc": loss / LN2,
             "val/loss_best": self.best_val_loss,
         }
-        if self.train_loss_avg.update_count:  # the seed log line's "train loss" / "train acc"
+        if self.train_loss_avg.update_count:  # the original runs' log line's "train loss" / "train acc"
             metrics |= {"train/loss_avg": self.train_loss_avg.compute(), "train/acc_avg": self.train_acc_avg.compute()}
         # already reduced over ranks by torchmetrics: sync_dist only averages identical values
         self.log("val/loss", metrics.pop("val/loss"), prog_bar=True, sync_dist=True)

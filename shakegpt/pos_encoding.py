@@ -61,7 +61,7 @@ class PositionEncoding(nn.Module):
 
 @register("sinusoidal")
 class Sinusoidal(PositionEncoding):
-    """Fixed sin/cos table of "Attention is all you need" (the seed's "PE function")."""
+    """Fixed sin/cos table of "Attention is all you need" (the original runs' "PE function")."""
 
     @classmethod
     def from_config(cls, cfg) -> Sinusoidal:

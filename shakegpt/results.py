@@ -1,6 +1,6 @@
 """Reference runs: keep a run's small artifacts, tabulate them, plot their curves.
 
-    python -m shakegpt.results keep outputs/runs/<run> --name v3-seed --command "python train.py model=v3"
+    python -m shakegpt.results keep outputs/runs/<run> --name v3-original --command "python train.py model=v3"
     python -m shakegpt.results table                      # markdown table of outputs/reference/
     python -m shakegpt.results plot --out docs/results.png
 
@@ -23,15 +23,15 @@ from shakegpt.errors import ConfigError, exit_on_user_error
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "outputs" / "reference"
 
-# the seed's rows and nanoGPT's published figure (REFERENCE.md), for tables and plots
-SEED = {"v1": 1.7002, "v2": 1.7531, "v3": 1.6900}
-SEED_WALL = {"v1": "5h20m", "v2": "38 min", "v3": "40 min"}  # the seed's own run times, its hardware
+# the original shakeGPT runs' val losses and wall times (their own hardware) and nanoGPT's published figure
+ORIGINAL = {"v1": 1.7002, "v2": 1.7531, "v3": 1.6900}
+ORIGINAL_WALL = {"v1": "5h20m", "v2": "38 min", "v3": "40 min"}
 NANOGPT = 1.4697
 
 
-def seed_row(name: str) -> float | None:
-    """The seed's val loss for a kept run named `<preset>-...` (v1-fast -> 1.7002), or None."""
-    return SEED.get(name.split("-")[0])
+def original_row(name: str) -> float | None:
+    """The original run's val loss for a kept run named `<preset>-...` (v1-fast -> 1.7002), or None."""
+    return ORIGINAL.get(name.split("-")[0])
 
 
 def _events(run_dir: str | Path):
@@ -96,7 +96,7 @@ def keep(
     """Copy a run's small artifacts to `dest_root/name` and write its metrics.json. Everything is
     gathered in a temporary folder first; a kept run of the same name is replaced only with
     `overwrite`, and only once the new one is complete."""
-    from shakegpt.model import GPT, GPTConfig, seed_formula_params
+    from shakegpt.model import GPT, GPTConfig, original_formula_params
 
     run_dir = Path(run_dir)
     config = run_dir / ".hydra" / "config.yaml"
@@ -116,7 +116,7 @@ def keep(
         **summary,
         "max_steps": cfg.trainer.max_steps,
         "params": model.num_params(),
-        "seed_formula_params": seed_formula_params(model.cfg, cfg.data.seq_len),
+        "original_formula_params": original_formula_params(model.cfg, cfg.data.seq_len),
         "tokens_per_step": cfg.data.batch_size * cfg.data.seq_len,
         "note": note,
     }
@@ -155,23 +155,23 @@ def _hms(seconds: float) -> str:
 
 
 def table(root: str | Path = REFERENCE_DIR) -> str:
-    """Markdown table of the kept runs against the seed row of their preset and nanoGPT."""
+    """Markdown table of the kept runs against the original run of their preset and nanoGPT."""
     rows = [
-        "| run | params | steps done / planned | best val loss | training time | seed row | nanoGPT |",
+        "| run | params | steps done / planned | best val loss | training time | original run | nanoGPT |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in load_reference(root):
-        ref = seed_row(m["name"])
-        seed = f"{ref:.4f}" if ref else "—"
+        ref = original_row(m["name"])
+        original = f"{ref:.4f}" if ref else "—"
         rows.append(
             f"| {m['name']} | {m['params'] / 1e6:.2f} M | {m['steps']:,} / {m['max_steps']:,} | "
-            f"{m['best_val_loss']:.4f} | {_hms(m['train_seconds'])} | {seed} | {NANOGPT:.4f} |"
+            f"{m['best_val_loss']:.4f} | {_hms(m['train_seconds'])} | {original} | {NANOGPT:.4f} |"
         )
     return "\n".join(rows)
 
 
 def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=None):
-    """Val loss against training time for every kept run, with the seed rows and nanoGPT as lines."""
+    """Val loss against training time for every kept run, with the original runs and nanoGPT as lines."""
     import matplotlib
     import matplotlib.ticker
 
@@ -185,9 +185,13 @@ def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=Non
         val = read_scalars(run).get("val/loss", [])
         if val:
             ax.plot([e[2] / 60 for e in val], [e[1] for e in val], marker=".", label=run.name)
-    for (name, loss), style in zip(SEED.items(), (":", "-.", "--"), strict=True):
+    for (name, loss), style in zip(ORIGINAL.items(), (":", "-.", "--"), strict=True):
         ax.axhline(
-            loss, color="grey", linestyle=style, linewidth=1, label=f"seed {name}: {loss:.4f} after {SEED_WALL[name]}"
+            loss,
+            color="grey",
+            linestyle=style,
+            linewidth=1,
+            label=f"original {name}: {loss:.4f} after {ORIGINAL_WALL[name]}",
         )
     ax.axhline(NANOGPT, color="black", linestyle="--", linewidth=1, label=f"nanoGPT: {NANOGPT} (A100)")
     ax.set_xscale("log")
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("keep", help="copy a run's small artifacts into the reference folder")
     k.add_argument("run_dir")
-    k.add_argument("--name", required=True, help="e.g. v3-seed, v3-improved (the part before '-' names the preset)")
+    k.add_argument("--name", required=True, help="e.g. v3-original, v3-improved (the part before '-' names the preset)")
     k.add_argument("--command", required=True, help="the command that made the run, quoted in the README")
     k.add_argument("--note", default="", help="anything a reader must know, e.g. where the run was stopped")
     k.add_argument("--root", default=str(REFERENCE_DIR))

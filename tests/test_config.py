@@ -1,4 +1,4 @@
-"""The real Hydra configs: presets set their seed rows, overrides work, every preset x encoding trains."""
+"""The real Hydra configs: presets set their original runs' values, overrides work, every preset x encoding trains."""
 
 import math
 
@@ -12,8 +12,8 @@ from shakegpt.train import train
 
 from .conftest import PRESETS
 
-# every column of the seed table that a preset must set on its own
-SEED_TABLE = {
+# every column of the original runs' table that a preset must set on its own
+ORIGINAL_TABLE = {
     "v1": dict(
         d_model=32,
         vocab=66,
@@ -56,9 +56,9 @@ SEED_TABLE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SEED_TABLE))
-def test_preset_alone_sets_its_seed_row(make_cfg, name):
-    row, cfg = SEED_TABLE[name], make_cfg(f"model={name}", shrink=False)
+@pytest.mark.parametrize("name", sorted(ORIGINAL_TABLE))
+def test_preset_alone_sets_its_original_run(make_cfg, name):
+    row, cfg = ORIGINAL_TABLE[name], make_cfg(f"model={name}", shrink=False)
     m = cfg.model
     got = dict(
         d_model=m.d_model,

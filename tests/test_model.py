@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shakegpt.model import GPT, GPTConfig, seed_formula_params
+from shakegpt.model import GPT, GPTConfig, original_formula_params
 from shakegpt.pos_encoding import POS_ENCODINGS, alibi_slopes
 
 
@@ -57,7 +57,7 @@ def test_dropout_is_active_in_training_only():
 
 def test_ffn_width_and_tied_head():
     assert GPTConfig(d_model=32).d_ff == 128  # nanoGPT's 4 * d_model by default
-    assert GPTConfig(d_model=32, d_ff=64).d_ff == 64  # the seed's 2 * d_model
+    assert GPTConfig(d_model=32, d_ff=64).d_ff == 64  # the original runs' 2 * d_model
     tied = GPT(tiny(tie_weights=True))
     assert tied.head.weight is tied.tok_emb.weight
     assert tied.param_breakdown()["output_head"] == 0
@@ -93,17 +93,17 @@ def test_input_longer_than_positions_is_refused():
         model(torch.zeros(1, 25, dtype=torch.long))
 
 
-# the seed presets: (d_model, layers, heads, d_ff, seq, pos) -> exact breakdown and the seed's formula count
-SEED_ROWS = {
+# the original runs' presets: (d_model, layers, heads, d_ff, seq, pos) -> exact breakdown and the original formula's count
+ORIGINAL_ROWS = {
     "v1": ((32, 12, 8, 64, 200, "sinusoidal"), 422_528),
     "v2": ((384, 6, 6, 768, 256, "sinusoidal"), 9_684_480),
     "v3": ((384, 6, 6, 768, 256, "learned"), 9_782_784),
 }
 
 
-@pytest.mark.parametrize("name", sorted(SEED_ROWS))
-def test_seed_parameter_counts(name):
-    (d, n, h, ff, seq, pos), formula = SEED_ROWS[name]
+@pytest.mark.parametrize("name", sorted(ORIGINAL_ROWS))
+def test_original_parameter_counts(name):
+    (d, n, h, ff, seq, pos), formula = ORIGINAL_ROWS[name]
     cfg = GPTConfig(vocab_size=66, d_model=d, n_layer=n, n_head=h, d_ff=ff, max_seq_len=seq, pos_encoding=pos)
     parts = GPT(cfg).param_breakdown()
     # the documented breakdown (README "Parameter counts"): no biases, per-position LayerNorm gains
@@ -115,12 +115,12 @@ def test_seed_parameter_counts(name):
         "layer_norm": (2 * n + 1) * d,
         "output_head": 66 * d,
     }
-    assert seed_formula_params(cfg, seq) == formula
+    assert original_formula_params(cfg, seq) == formula
 
 
 def test_documented_exact_totals():
     totals = {}
-    for name, ((d, n, h, ff, seq, pos), _) in SEED_ROWS.items():
+    for name, ((d, n, h, ff, seq, pos), _) in ORIGINAL_ROWS.items():
         cfg = GPTConfig(vocab_size=66, d_model=d, n_layer=n, n_head=h, d_ff=ff, max_seq_len=seq, pos_encoding=pos)
         totals[name] = GPT(cfg).num_params()
     assert totals == {"v1": 103_328, "v2": 7_133_568, "v3": 7_231_872}

@@ -55,7 +55,7 @@ def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
     assert summarize(dest)["best_val_loss"] == m["best_val_loss"]
     assert load_reference(tmp_path / "ref") == [m]
     rows = table(tmp_path / "ref").splitlines()
-    assert rows[2].startswith("| v3-test | 0.41 M | 6 / 6 | ") and "| 1.6900 |" in rows[2]  # v3's seed row
+    assert rows[2].startswith("| v3-test | 0.41 M | 6 / 6 | ") and "| 1.6900 |" in rows[2]  # v3's original run
     png = tmp_path / "plot.png"
     plot(tmp_path / "ref", png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

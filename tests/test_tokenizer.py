@@ -43,5 +43,5 @@ def test_real_corpus_has_65_characters_plus_unk(real_corpus):
     assert len(text) == 1_115_394
     tok = CharTokenizer.from_text(text)
     assert len(tok.chars) == 65
-    assert tok.vocab_size == 66  # the seed's d_input
+    assert tok.vocab_size == 66  # the original runs' d_input
     assert tok.decode(tok.encode(text[:5000])) == text[:5000]

@@ -52,7 +52,7 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
     params, metric_tags = hparams(ea)
     assert "val/loss_best" in metric_tags and "hp_metric" not in tags
     assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
-    assert params["params_exact"] == 414_848 and params["params_seed_formula"] > 0
+    assert params["params_exact"] == 414_848 and params["params_original_formula"] > 0
     samples = texts(ea, "sample/text_summary")
     assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
 
@@ -101,7 +101,7 @@ def test_lr_schedule():
 
 
 def test_command_line_run_prints_log_line_and_sample(tmp_path):
-    """`python train.py` as a user types it (shrunk): the seed log line, a sample, the run directory."""
+    """`python train.py` as a user types it (shrunk): the original runs' log line, a sample, the run directory."""
     out = tmp_path / "cli"
     r = subprocess.run(
         [
