@@ -95,9 +95,16 @@ def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_results() -> str:
-    """The README's Results section."""
-    return (ROOT / "README.md").read_text().split("\n## Results\n")[1].split("\n## ")[0]
+def results_rows(page: str, run: str) -> list[str]:
+    """The rows of `run` in the results table of README.md or docs/results.md."""
+    text = (ROOT / page).read_text()
+    if page == "README.md":
+        text = text.split("\n## Results\n")[1].split("\n## ")[0]
+    return [line for line in text.splitlines() if line.startswith(f"| {run} |")]
+
+
+# experiment configs that stand for a kept run's longer command line (tested to compose to the same config)
+SHORT_COMMANDS = {"nanogpt-ema": ["model=nanogpt", "experiment=nanogpt_ema"]}
 
 
 def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
@@ -117,8 +124,9 @@ def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
 
 
 @pytest.mark.parametrize("run", sorted(p.parent.name for p in (ROOT / "outputs" / "reference").glob("*/metrics.json")))
-def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
-    """The figures the README quotes are the kept event files' figures, with the exact command."""
+def test_committed_reference_runs_agree_with_their_events_and_the_docs(run):
+    """The figures docs/results.md (every kept run) and the README (a few) quote are the kept event
+    files' figures, with a command that trains what the kept run trained."""
     ref = ROOT / "outputs" / "reference" / run
     m = json.loads((ref / "metrics.json").read_text())
     assert m["name"] == run
@@ -128,19 +136,29 @@ def test_committed_reference_runs_agree_with_their_events_and_the_readme(run):
     assert m["command"].split()[2:] == overrides  # python train.py <the run's overrides>
     # ... and that command, run today, trains what the kept run trained
     assert_trains_as_kept(ref, overrides)
-    rows = [line for line in readme_results().splitlines() if line.startswith(f"| {run} |")]
-    assert len(rows) == 1, f"README's Results table needs one row for {run}"
-    assert f"`{m['command']}`" in rows[0] and f"**{m['best_val_loss']:.4f}**" in rows[0]
-    steps = rows[0].split(" | ")[3]  # | run | command | params | steps | ...
+    commands = [m["command"]] + ([f"python train.py {' '.join(SHORT_COMMANDS[run])}"] if run in SHORT_COMMANDS else [])
     done = f"{m['steps']:,}" if m["steps"] == m["max_steps"] else f"{m['steps']:,} of {m['max_steps']:,}"
-    assert steps.split(" (")[0] == done, f"README says {steps!r} steps for {run}, its events {done!r}"
-
-
-# experiment configs that stand for a kept run's longer command line (the README names both)
-SHORT_COMMANDS = {"nanogpt-ema": ["model=nanogpt", "experiment=nanogpt_ema"]}
+    full = results_rows("docs/results.md", run)
+    assert len(full) == 1, f"docs/results.md needs one row for {run}"
+    for page, rows in (("docs/results.md", full), ("README.md", results_rows("README.md", run))):
+        for row in rows:
+            assert any(f"`{c}`" in row for c in commands) and f"**{m['best_val_loss']:.4f}**" in row, (page, row)
+            steps = row.split(" | ")[3]  # | run | command | params | steps | ...
+            assert steps.split(" (")[0] == done, f"{page} says {steps!r} steps for {run}, its events {done!r}"
 
 
 @pytest.mark.parametrize(("run", "overrides"), SHORT_COMMANDS.items())
 def test_experiment_configs_train_as_their_kept_runs(run, overrides):
     assert_trains_as_kept(ROOT / "outputs" / "reference" / run, overrides)
-    assert f"python train.py {' '.join(overrides)}" in readme_results()
+
+
+def test_the_readme_is_a_front_door_and_quotes_the_kept_quickstart():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024
+    snippet = readme.split("## Quickstart")[1].split("```")[1].strip("\n").splitlines()
+    ref = ROOT / "outputs" / "reference" / "quickstart"
+    assert snippet[0] in (ref / "train.log").read_text()  # the log line, as the kept run printed it
+    sample = (ref / "sample.txt").read_text()
+    assert "\n".join(snippet[2:]) in sample and len(snippet) >= 5  # its closing text
+    m = json.loads((ref / "metrics.json").read_text())
+    assert f"val loss {m['best_val_loss']:.4f}" in readme.split("## Quickstart")[1]
