@@ -6,6 +6,9 @@ job gets the same checks. Each failure is one `ConfigError` (or `DataError`/`Che
 whose message names the key, the value and what is accepted. Checks that need the corpus (the
 vocabulary size, a resumed run's vocabulary) run in `train()` once the corpus is read, still before
 the Trainer starts.
+
+The module imports neither torch nor OmegaConf until a check needs them, so a command line can
+refuse a bad value before paying for those imports.
 """
 
 from __future__ import annotations
@@ -18,13 +21,12 @@ import tempfile
 from collections.abc import Mapping
 from numbers import Real
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 from shakegpt.errors import ConfigError, DataError
-from shakegpt.generate import check_sampling
 
 # torch.manual_seed and Lightning's seed_everything accept this range
 SEED_RANGE = (0, 2**32 - 1)
@@ -55,6 +57,21 @@ def is_number(v: Any) -> bool:
     return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_sequence(v: Any) -> bool:
+    """A list, a tuple or an OmegaConf ListConfig (without importing OmegaConf)."""
+    return isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig"
+
+
+def check_sampling(temperature: Any, top_k: Any, top_p: Any, prefix: str = "") -> None:
+    """Refuse sampling settings that cannot work, naming the key (`prefix` + name) and the value."""
+    if not is_number(temperature) or temperature <= 0:
+        raise ConfigError(f"{prefix}temperature={temperature!r} is invalid; it must be > 0")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ConfigError(f"{prefix}top_k={top_k!r} is invalid; it must be an integer >= 1, or null for no limit")
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+        raise ConfigError(f"{prefix}top_p={top_p!r} is invalid; it must be in (0, 1], or null for no limit")
+
+
 def positive_int(key: str, v: Any, why: str = "") -> None:
     if not is_int(v) or v <= 0:
         raise ConfigError(f"{key}={v!r} is invalid; it must be a positive integer{why}")
@@ -73,12 +90,8 @@ def check_optim(optim: Mapping) -> None:
     if not is_number(wd) or wd < 0:
         raise ConfigError(f"optim.weight_decay={wd!r} is invalid; it must be a number >= 0 (0 turns it off)")
     betas = optim.get("betas")
-    if (
-        not isinstance(betas, (list, tuple, ListConfig))
-        or len(betas) != 2
-        or not all(is_number(b) and 0 <= b < 1 for b in betas)
-    ):
-        shown = list(betas) if isinstance(betas, ListConfig) else betas
+    if not is_sequence(betas) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
+        shown = list(betas) if is_sequence(betas) else betas
         raise ConfigError(
             f"optim.betas={shown!r} is invalid; it must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.99]"
         )
@@ -133,6 +146,8 @@ def check_trainer(tcfg: Mapping) -> None:
     precision = tcfg.get("precision")
     if str(precision) not in PRECISIONS:
         raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    import torch
+
     devices, accelerator = tcfg.get("devices"), str(tcfg.get("accelerator"))
     gpu_wanted = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -195,6 +210,8 @@ def check_writable(path: str | Path, label: str, need_bytes: int = 0) -> None:
 
 def checkpoint_bytes(model_cfg: Mapping) -> int:
     """About what one training checkpoint of this model takes on disk (weights and AdamW moments)."""
+    import torch
+
     from shakegpt.model import GPT, GPTConfig
 
     with torch.device("meta"):  # counts parameters without allocating them
@@ -203,6 +220,8 @@ def checkpoint_bytes(model_cfg: Mapping) -> int:
 
 
 def _container(node: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 

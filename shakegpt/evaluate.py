@@ -3,6 +3,7 @@ accuracy of one or several checkpoints over the full validation split, as a tabl
 
 It runs the same deterministic pass as training's validation (every non-overlapping window, the
 same precision rule), so a checkpoint's numbers here equal the val/* metrics logged when it was saved.
+The values are checked before torch is imported, so a mistake is refused at once.
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from shakegpt.checkpoint import model_from_checkpoint, resolve_checkpoint
-from shakegpt.checks import check_writable
+from shakegpt.checks import check_writable, positive_int
 from shakegpt.configs import CONF_DIR
-from shakegpt.corpus import read_corpus, resolve_corpus, split_ids
 from shakegpt.errors import ConfigError, DataError, exit_on_user_error
-from shakegpt.hardware import resolve_precision
-from shakegpt.val_pass import full_val_pass
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
 def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", allow_unk: bool = False) -> dict:
     """The val metrics of one checkpoint (a file, or a run directory's best) over `data`'s validation split."""
+    from shakegpt.checkpoint import model_from_checkpoint, resolve_checkpoint
+    from shakegpt.corpus import read_corpus, resolve_corpus, split_ids
+    from shakegpt.hardware import resolve_precision
+    from shakegpt.val_pass import full_val_pass
+
     ckpt_file = resolve_checkpoint(path)
     model, tokenizer, ckpt = model_from_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
     seq_len = data.get("seq_len") or model.cfg.max_seq_len
@@ -67,7 +71,13 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     # the data config's keys that say which text and how it is split (its seed draws training windows only)
     keys = ("path", "cache_dir", "url", "sha256", "batch_size", "seq_len", "val_fraction")
     data = {k: cfg.data[k] for k in keys if k in cfg.data}
-    if cfg.out:  # before the work, not after it
+    # before the work, not after it
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+    for key in ("batch_size", "seq_len"):
+        if data.get(key) is not None:
+            positive_int(f"data.{key}", data[key])
+    if cfg.out:
         check_writable(Path(cfg.out).expanduser().parent, f"out={cfg.out}")
     allow_unk = bool(cfg.get("allow_unk", False))
     rows = [evaluate_checkpoint(p, data, cfg.precision, allow_unk) for p in paths]

@@ -8,12 +8,12 @@ compute the same thing: with the same generator they draw the same tokens.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from shakegpt.checks import check_sampling
 from shakegpt.errors import ConfigError
 from shakegpt.model import GPT, KVCache
 from shakegpt.tokenizer import CharTokenizer
@@ -23,16 +23,6 @@ from shakegpt.tokenizer import CharTokenizer
 TEMPERATURE: float = 0.8
 TOP_K: int | None = None
 TOP_P: float | None = None
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
-    """Refuse sampling settings that cannot work, naming the key (`prefix` + name) and the value."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ConfigError(f"{prefix}temperature={temperature!r} is invalid; it must be > 0")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"{prefix}top_k={top_k!r} is invalid; it must be an integer >= 1, or null for no limit")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ConfigError(f"{prefix}top_p={top_p!r} is invalid; it must be in (0, 1], or null for no limit")
 
 
 def sample_next(

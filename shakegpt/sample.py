@@ -1,28 +1,34 @@
 """`python -m shakegpt.sample ckpt_path=…` (or `shakegpt-sample`): stream text from a trained model.
 
 Keys (conf/sample.yaml): ckpt_path, prompt / prompt_file, num_chars, num_samples, temperature, top_k,
-top_p, seed, device, allow_unk. Same seed and checkpoint give the same text.
+top_p, seed, device, allow_unk. Same seed and checkpoint give the same text. The values are
+checked before torch is imported, so a mistake is refused at once.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from shakegpt.checkpoint import load_bundle, model_from_checkpoint
+from shakegpt.checks import check_sampling, check_seed, is_int
 from shakegpt.configs import CONF_DIR
 from shakegpt.errors import ConfigError, exit_on_user_error
-from shakegpt.generate import check_sampling, stream_text
-from shakegpt.model import GPT
-from shakegpt.tokenizer import CharTokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from shakegpt.model import GPT
+    from shakegpt.tokenizer import CharTokenizer
 
 
 def load_any(path: str) -> tuple[GPT, CharTokenizer]:
     """An exported bundle directory, or a checkpoint file / run directory."""
+    from shakegpt.checkpoint import load_bundle, model_from_checkpoint
+
     p = Path(path).expanduser()
     if (p / "model.safetensors").is_file():
         return load_bundle(p)
@@ -32,6 +38,8 @@ def load_any(path: str) -> tuple[GPT, CharTokenizer]:
 
 def check_device(device: str) -> torch.device:
     """`device` as a torch device that this machine has, or one line saying why not."""
+    import torch
+
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError):
@@ -47,12 +55,24 @@ def check_device(device: str) -> torch.device:
     return d
 
 
+def check_values(cfg: DictConfig) -> None:
+    """Everything about the command's values that needs neither torch nor the checkpoint."""
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    if not is_int(cfg.num_chars) or cfg.num_chars < 0:
+        raise ConfigError(f"num_chars={cfg.num_chars!r} is invalid; it must be an integer >= 0")
+    if not is_int(cfg.num_samples) or cfg.num_samples < 1:
+        raise ConfigError(f"num_samples={cfg.num_samples!r} is invalid; it must be an integer >= 1")
+    check_seed(cfg.seed)
+
+
 def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
     """Write `num_samples` samples to `out` as they are generated; return them."""
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    check_values(cfg)
+    import torch
+
+    from shakegpt.generate import stream_text
+
     device = check_device(cfg.device)
-    if cfg.num_chars < 0 or cfg.num_samples < 1:
-        raise ConfigError(f"num_chars={cfg.num_chars} must be >= 0 and num_samples={cfg.num_samples} >= 1")
     prompt = cfg.prompt
     if cfg.prompt_file:
         try:

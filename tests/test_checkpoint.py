@@ -89,14 +89,20 @@ def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_pa
 
 
 @pytest.mark.parametrize("command", ["shakegpt.sample", "shakegpt.evaluate"])
-def test_sampling_and_evaluating_do_not_load_lightning_or_the_training_entry(command):
-    """They need the model, the tokenizer and the corpus only: no Lightning import time."""
+def test_sampling_and_evaluating_import_neither_torch_nor_lightning_to_check_values(command):
+    """They check their values before importing torch (so a mistake is refused at once), and need
+    the model, the tokenizer and the corpus only: never Lightning or the training entry."""
     code = (
         f"import sys, {command}; "
-        "loaded = {m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'torchmetrics'}; "
+        "loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'pytorch_lightning', 'torchmetrics'}; "
         "assert not loaded and 'shakegpt.train' not in sys.modules, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+    bad = ["temperature=0"] if command == "shakegpt.sample" else ["precision='fp8'"]
+    r = subprocess.run(
+        [sys.executable, "-m", command, "ckpt_path=x", *bad], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"error: {bad[0]}"), r.stderr
 
 
 def sample_cli(*args, cwd=ROOT):
