@@ -192,9 +192,12 @@ def test_live_tensorboard_lists_the_sweep(tmp_path):
             time.sleep(0.5)
         assert groups is not None and len(groups) == 2
         assert {g["hparams"]["model.pos_encoding"] for g in groups} == {"learned", "alibi"}
-        for g in groups:
+        for g in groups:  # the tab's metric values are each job's own best and last val loss
             metrics = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
-            assert 0 < metrics["val/loss_best"] <= metrics["val/loss"]
+            job = next(sweep.glob(f"*model-pos_encoding={g['hparams']['model.pos_encoding']}*"))
+            logged = [v for _, v in scalars(load_run(job / "tensorboard"), "val/loss")]
+            assert metrics["val/loss_best"] == pytest.approx(min(logged), rel=1e-6)
+            assert metrics["val/loss"] == pytest.approx(logged[-1], rel=1e-6)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as r:
             runs = json.loads(r.read())
         assert len(runs) == 2 and all("tensorboard" in run for run in runs)
