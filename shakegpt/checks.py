@@ -225,7 +225,7 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None) -> None:
+def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True) -> None:
     """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
     the returned metric, and the run directory (writable, free space, not another run's)."""
     from shakegpt.checkpoint import check_resumable
@@ -252,7 +252,7 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None) ->
     metric = cfg.get("optimized_metric")
     if metric is not None and metric not in METRICS:
         raise ConfigError(f"optimized_metric={metric!r} is not a metric a run logs; choose one of {', '.join(METRICS)}")
-    if cfg.get("ckpt_path"):
+    if cfg.get("ckpt_path") and check_ckpt:  # (train() checks it itself, with the corpus's vocabulary)
         check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps)
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))

@@ -45,7 +45,7 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, float]:
     """Fit the model that `cfg` describes; return the final callback metrics as floats."""
-    check_train_config(cfg, cfg.paths.output_dir)
+    check_train_config(cfg, cfg.paths.output_dir, check_ckpt=False)  # the checkpoint: below, with the vocabulary
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     datamodule.prepare_data()
