@@ -62,6 +62,14 @@ def is_sequence(v: Any) -> bool:
     return isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig"
 
 
+def require(cfg: Any, key: str, what: str) -> None:
+    """A required key (`???` in the config) must be given on the command line."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, key):
+        raise ConfigError(f"{key} is required: {what}")
+
+
 def check_sampling(temperature: Any, top_k: Any, top_p: Any, prefix: str = "") -> None:
     """Refuse sampling settings that cannot work, naming the key (`prefix` + name) and the value."""
     if not is_number(temperature) or temperature <= 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from shakegpt.checks import check_writable, positive_int
+from shakegpt.checks import check_writable, positive_int, require
 from shakegpt.configs import CONF_DIR
 from shakegpt.errors import ConfigError, DataError, exit_on_user_error
 
@@ -67,6 +67,7 @@ def table(rows: list[dict]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
+    require(cfg, "ckpt_path", "a checkpoint or run directory, or a list '[a,b]', e.g. ckpt_path=outputs/runs/<run>")
     paths = list(cfg.ckpt_path) if isinstance(cfg.ckpt_path, (list, ListConfig)) else [cfg.ckpt_path]
     # the data config's keys that say which text and how it is split (its seed draws training windows only)
     keys = ("path", "cache_dir", "url", "sha256", "batch_size", "seq_len", "val_fraction")

@@ -231,8 +231,8 @@ def test_resuming_from_a_truncated_checkpoint_is_refused(make_cfg, trained_run, 
         train(make_cfg(f"ckpt_path={bad}"))
 
 
-def test_attention_dropout_is_set_with_a_plus(make_cfg, tmp_path):
-    """docs/model.md: `+model.attn_dropout=0.1` adds dropout on the attention weights."""
-    metrics = train(make_cfg("+model.attn_dropout=0.1", "trainer.max_steps=2", "trainer.val_check_interval=2"))
+def test_attention_dropout_is_a_key_like_the_others(make_cfg, tmp_path):
+    """docs/model.md: `model.attn_dropout=0.1` adds dropout on the attention weights (no `+` needed)."""
+    metrics = train(make_cfg("model.attn_dropout=0.1", "trainer.max_steps=2", "trainer.val_check_interval=2"))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["model"]["attn_dropout"] == 0.1 and math.isfinite(metrics["val/loss"])

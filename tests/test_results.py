@@ -117,6 +117,9 @@ def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     # and before the text samples could take top_p (null then and by default now: the same samples)
     if "top_p" not in kept.callbacks.text_sample:
         kept.callbacks.text_sample.top_p = "${sample.top_p}"
+    # and before model.attn_dropout was a key of the config (0.0, the model's default, then and now)
+    if "attn_dropout" not in kept.model:
+        kept.model.attn_dropout = 0.0
     now = compose_cfg(ROOT / "outputs", *overrides, shrink=False)
     assert now.seed == kept.seed
     for group in ("model", "optim", "data", "trainer", "callbacks"):
