@@ -4,7 +4,6 @@ checkpoint writer that never leaves a truncated file."""
 
 from __future__ import annotations
 
-import datetime
 import errno
 import logging
 import math
@@ -27,8 +26,30 @@ log = logging.getLogger(__name__)
 
 
 def hms(seconds: float) -> str:
-    """Seconds -> 'h:mm:ss' (the original runs' log line's clock format)."""
-    return str(datetime.timedelta(seconds=round(seconds)))
+    """Seconds -> 'h:mm:ss', hours unbounded (the original runs' clock format: '42:26:43', not '1 day, …')."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def original_log_line(
+    elapsed: float,
+    step: int,
+    total: int,
+    remain: float,
+    train_loss: float,
+    val_loss: float,
+    train_acc: float,
+    val_acc: float,
+) -> str:
+    """`T+ 0:40:01 - step 7657/9652: train loss 1.5231, val loss 1.6900; train acc  0.4141, val acc 0.3893;
+    t_remain 0:10:41`: the original shakeGPT runs' line (`remain` nan: unknown, shown as '?')."""
+    return (
+        f"T+ {hms(elapsed)} - step {step}/{total}: "
+        f"train loss {train_loss:.4f}, val loss {val_loss:.4f}; "
+        f"train acc {train_acc:7.4f}, val acc {val_acc:.4f}; "
+        f"t_remain {hms(remain) if math.isfinite(remain) else '?'}"
+    )
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -75,13 +96,10 @@ class OriginalLogLine(L.Callback):
             return
         elapsed = time.perf_counter() - self.start
         step, total = trainer.global_step, trainer.max_steps
-        done = step - self.start_step
+        done = step - self.start_step  # after a resume, the pace is this run's own
         remain = elapsed / done * (total - step) if done > 0 and total > 0 else math.nan
-        line = (
-            f"T+ {hms(elapsed)} - step {step}/{total}: "
-            f"train loss {m['train/loss_avg']:.4f}, val loss {m['val/loss']:.4f}; "
-            f"train acc {m['train/acc_avg']:7.4f}, val acc {m['val/acc']:.4f}; "
-            f"t_remain {hms(remain) if math.isfinite(remain) else '?'}"
+        line = original_log_line(
+            elapsed, step, total, remain, m["train/loss_avg"], m["val/loss"], m["train/acc_avg"], m["val/acc"]
         )
         log.info(line)
         # above the progress bar, and also where no logging handler is set up (a notebook)

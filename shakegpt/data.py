@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from shakegpt.checks import check_data
+from shakegpt.console import FILE_ONLY
 from shakegpt.corpus import (
     TINYSHAKESPEARE_SHA256,
     TINYSHAKESPEARE_URL,
@@ -61,13 +62,14 @@ class CharDataModule(L.LightningDataModule):
         self.train_ids, self.val_ids = split_ids(
             text, self.tokenizer, self.val_fraction, self.seq_len, self.corpus_path
         )
-        log.info(
+        log.info(  # the terminal's header says it shorter
             "corpus %s: %d characters, vocabulary %d (+<unk>), train %d, val %d",
             self.corpus_path,
             len(text),
             len(self.tokenizer.chars),
             len(self.train_ids),
             len(self.val_ids),
+            extra=FILE_ONLY,
         )
 
     def _rank_world(self) -> tuple[int, int]:

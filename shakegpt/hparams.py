@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from shakegpt.console import FILE_ONLY
 from shakegpt.model import GPT, original_formula_params
 
 log = logging.getLogger(__name__)
@@ -48,5 +49,6 @@ def param_counts(model: GPT, seq_len: int) -> dict[str, int]:
         f"{exact:,}",
         ", ".join(f"{k} {v:,}" for k, v in parts.items() if v),
         f"{original:,}",
+        extra=FILE_ONLY,  # the terminal's header says it shorter
     )
     return {"params_exact": exact, "params_original_formula": original}

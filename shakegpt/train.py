@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
 from shakegpt.checkpoint import check_resumable
 from shakegpt.checks import check_train_config
 from shakegpt.configs import CONF_DIR
+from shakegpt.console import FILE_ONLY, header, summary
 from shakegpt.errors import ShakeGPTError, TrainingFailed
 from shakegpt.failures import describe_failure, report_lost_ranks, traceback_to_log_file
 from shakegpt.hardware import physical_cores, resolve_precision
@@ -60,7 +62,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         ckpt_path = check_resumable(cfg.ckpt_path, module.config, cfg.trainer.max_steps, module.hparams.vocab)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
     if precision != cfg.trainer.precision:
-        log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision)
+        log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
     if "OMP_NUM_THREADS" not in os.environ:  # DDP sets it to cores / processes
         torch.set_num_threads(physical_cores())
     params = hparams_of(cfg, choices) | param_counts(module.model, cfg.data.seq_len) | {"trainer.precision": precision}
@@ -86,6 +88,22 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         **extra,
     )
     report_lost_ranks(trainer, Path(cfg.paths.output_dir))
+    if trainer.is_global_zero:
+        device = f"{trainer.num_devices} x {trainer.strategy.root_device.type}"
+        text = datamodule.corpus_path
+        log.info(
+            "%s",
+            header(
+                (choices or {}).get("model", "model"),
+                params["params_exact"],
+                params["params_original_formula"],
+                text,
+                len(datamodule.train_ids) + len(datamodule.val_ids),
+                len(datamodule.tokenizer.chars),
+                device,
+                precision,
+            ),
+        )
     try:
         # weights_only: resuming reads tensors and plain data, never code from the file
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -99,26 +117,29 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
         # the next job of a sweep starts new ranks: it must not find this job's process group
         torch.distributed.destroy_process_group()
     if trainer.is_global_zero:
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.best_model_path:
-            log.info("best checkpoint: %s (val loss %.4f)", ckpt.best_model_path, ckpt.best_model_score)
         if cfg.sample.num_chars > 0:
             s = cfg.sample
             text = module.generate_text(
                 s.prompt, s.num_chars, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
             )
             print(f"\n--- sample after {trainer.global_step} steps ---\n{text}\n---", flush=True)
+        ckpt = trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+        score = float(ckpt.best_model_score) if best else None
+        log.info("%s", summary(Path(cfg.paths.output_dir), best, score, trainer.global_step))
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
+    # a deprecation inside Lightning that users can do nothing about
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         with sweep_job():
             metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
     except ShakeGPTError as e:  # the user's to fix, or a failure told in one line: no traceback on screen
-        log.error("%s", e)
+        log.error("%s", e, extra=FILE_ONLY)  # the terminal gets it once, as "error: …" below
         if e.__cause__ is not None:
             traceback_to_log_file(e.__cause__)
         if HydraConfig.get().mode == RunMode.MULTIRUN:

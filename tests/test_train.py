@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
+from shakegpt.callbacks import original_log_line
 from shakegpt.data import CharDataModule
+from shakegpt.hardware import cpu_has_fast_bf16
 from shakegpt.module import LitGPT, lr_factor
 from shakegpt.train import train
 
@@ -123,9 +125,40 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "T+ 0:00:0" in log and "- step 4/4: train loss " in log and "; t_remain 0:00:00" in log
-    assert "parameters: 414,848 exact" in log  # quickstart with a 32-position table
-    assert "--- sample after 4 steps ---" in r.stdout
+    assert "parameters: 414,848 exact" in log  # quickstart with a 32-position table: the details in the log
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    # the terminal: a short header, the log line without a prefix, the sample, where the run is
+    lines = r.stdout.splitlines()
+    assert lines[:3] == [
+        "model    quickstart: 414,848 parameters (455,168 by the original runs' formula)",
+        f"data     {TINY.name}: {len(TINY.read_text()):,} characters, 55 distinct",
+        f"device   1 x cpu, {'bf16-mixed' if cpu_has_fast_bf16() else '32-true'}",
+    ]
+    log_lines = [line for line in lines if line.startswith("T+ ")]
+    assert len(log_lines) == 2 and all(line.startswith("T+ 0:00:0") for line in log_lines)  # no prefix
+    assert "--- sample after 4 steps ---" in r.stdout
+    assert lines[-5:] == [
+        f"run      {out} (4 steps)",
+        (lambda best: f"best     {best} (val loss {best.split('-val')[1].removesuffix('.ckpt')})")(
+            next((out / "checkpoints").glob("best-*.ckpt")).name
+        ),
+        f"watch    tensorboard --logdir {out}",
+        f"sample   python -m shakegpt.sample ckpt_path={out}",
+        f"resume   this run's command + ckpt_path={out} trainer.max_steps=<more>",
+    ]
+    for noise in ("GPU available", "TPU available", "Tip", "LeafSpec", "Trainer.fit` stopped", "Seed set"):
+        assert noise not in r.stdout + r.stderr, noise
+
+
+def test_the_original_log_line_and_its_width():
+    """The original runs' line, field for field (REFERENCE example), and at most 125 columns at
+    v1's 253,104 steps after 42 hours."""
+    assert original_log_line(2401, 7657, 9652, 641, 1.5231, 1.69, 0.4141, 0.3893) == (
+        "T+ 0:40:01 - step 7657/9652: train loss 1.5231, val loss 1.6900; train acc  0.4141, val acc 0.3893; "
+        "t_remain 0:10:41"
+    )
+    worst = original_log_line(152_803, 253_104, 253_104, 152_803, 11.5231, 11.69, 0.4141, 0.3893)
+    assert worst.startswith("T+ 42:26:43 - step 253104/253104") and len(worst) <= 125
 
 
 @pytest.mark.parametrize(

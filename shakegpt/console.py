@@ -1,0 +1,72 @@
+"""What a training run shows in the terminal: log lines that never break the progress bar, a short
+header, and a closing summary that says where the run is and what to do with it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+# `log.info(..., extra=FILE_ONLY)`: a detail for train.log that the terminal's header already sums up
+FILE_ONLY = {"file_only": True}
+
+
+class TqdmHandler(logging.StreamHandler):
+    """A console handler that writes through `tqdm.write`, so a log line printed while the progress
+    bar is drawn lands above the bar instead of being glued onto it. Records logged with
+    `extra=FILE_ONLY` are left to the log file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "file_only", False):
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def write_to_log_file(text: str) -> None:
+    """Write `text` to the run's log file only (the terminal already shows it in its own way)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                handler.stream.write(text if text.endswith("\n") else text + "\n")
+                handler.flush()
+            finally:
+                handler.release()
+
+
+def header(
+    preset: str, params: int, original: int, corpus: Path, n_chars: int, vocab: int, device: str, precision: str
+) -> str:
+    """Three short lines: the model, the data, where it runs."""
+    return (
+        f"model    {preset}: {params:,} parameters ({original:,} by the original runs' formula)\n"
+        f"data     {corpus.name}: {n_chars:,} characters, {vocab} distinct\n"
+        f"device   {device}, {precision}"
+    )
+
+
+def shown(path: Path) -> str:
+    """A path as a user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def summary(run_dir: Path, best: str | None, best_loss: float | None, steps: int) -> str:
+    """Where the finished run is, its best checkpoint, and the commands to look at it."""
+    run_dir = shown(run_dir)
+    lines = [f"run      {run_dir} ({steps} steps)"]
+    if best:
+        lines.append(f"best     {Path(best).name} (val loss {best_loss:.4f})")
+    lines += [
+        f"watch    tensorboard --logdir {run_dir}",
+        f"sample   python -m shakegpt.sample ckpt_path={run_dir}",
+        f"resume   this run's command + ckpt_path={run_dir} trainer.max_steps=<more>",
+    ]
+    return "\n".join(lines)
