@@ -221,6 +221,15 @@ class InterruptCheckpoint(Checkpoint):
             log.warning("could not write %s: %s", self.path, e)
 
 
+class RunTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger without the `epoch` scalar it adds to every write: training
+    is an endless stream of batches, so the epoch stays 0 and would be the first chart a user sees."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file beside its destination, flush it to disk, then
     rename it into place: a kill or a full disk during the write leaves the previous checkpoint

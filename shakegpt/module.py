@@ -103,6 +103,8 @@ class LitGPT(L.LightningModule):
         detached = loss.detach()
         self.log("train/loss", detached, sync_dist=True, prog_bar=True)
         self.log_dict({"train/acc": acc, "train/bpc": detached / LN2}, sync_dist=True)
+        # the learning rate this step uses, once (every parameter group follows the same schedule)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], rank_zero_only=True)
         self.train_loss_avg.update(detached)
         self.train_acc_avg.update(acc)
         return loss

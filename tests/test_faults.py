@@ -185,7 +185,7 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
     # validation every 3 steps from the command line: at step 9 (logged as 8), then last.ckpt at the end
     assert [s for s, _, _ in read_scalars(second)["val/loss"]] == [8]
     expected = [5e-4 * lr_factor(s, 2, 10, 0.2, "cosine") for s in range(6, 10)]
-    logged = read_scalars(second)["lr-AdamW/pg1"]
+    logged = read_scalars(second)["train/lr"]
     assert [s for s, _, _ in logged] == [6, 7, 8, 9]  # the step comes from the checkpoint
     assert [v for _, v, _ in logged] == pytest.approx(expected, rel=1e-5)
     ckpt = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)

@@ -120,6 +120,8 @@ def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     # and before model.attn_dropout was a key of the config (0.0, the model's default, then and now)
     if "attn_dropout" not in kept.model:
         kept.model.attn_dropout = 0.0
+    # and when Lightning's LearningRateMonitor logged the learning rate (the module logs train/lr now)
+    kept.callbacks.pop("lr_monitor", None)
     now = compose_cfg(ROOT / "outputs", *overrides, shrink=False)
     assert now.seed == kept.seed
     for group in ("model", "optim", "data", "trainer", "callbacks"):

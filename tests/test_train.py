@@ -45,10 +45,11 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
         "val/loss_best",
         "train/loss_avg",
         "train/acc_avg",
-        "lr-AdamW/pg1",
+        "train/lr",
         "throughput/tokens_per_s",
     ):
         assert tag in tags, tag
+    assert "epoch" not in tags and not any(t.startswith("lr-") for t in tags)  # no flat epoch, the lr once
     assert [s for s, _ in scalars(ea, "val/loss")] == [2, 5]  # two validations (Lightning logs step - 1)
     assert scalars(ea, "val/loss_best")[-1][1] == pytest.approx(metrics["val/loss_best"])
     params, metric_tags = hparams(ea)
