@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +38,8 @@ def original_row(name: str) -> float | None:
 def _events(run_dir: str | Path):
     """A loaded EventAccumulator of a run directory or of its tensorboard/ folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # not its "No path found after …" notes
 
     run_dir = Path(run_dir)
     tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
@@ -167,6 +170,35 @@ def table(root: str | Path = REFERENCE_DIR) -> str:
             f"| {m['name']} | {m['params'] / 1e6:.2f} M | {m['steps']:,} / {m['max_steps']:,} | "
             f"{m['best_val_loss']:.4f} | {_hms(m['train_seconds'])} | {original} | {NANOGPT:.4f} |"
         )
+    return "\n".join(rows)
+
+
+def sweep_table(sweep_dir: str | Path) -> str:
+    """A sweep's jobs as a markdown table, best val loss first: job, the overrides that differ
+    between jobs, best val loss and its step. A job that never validated is listed last as failed."""
+    sweep_dir = Path(sweep_dir)
+    jobs = []
+    for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()):
+        overrides = dict(
+            str(o).split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if "=" in str(o)
+        )
+        try:
+            s = summarize(job)
+            best, step = s["best_val_loss"], s["best_step"]
+        except ConfigError:  # no event files or no validation: the job failed before it validated
+            best, step = None, None
+        jobs.append((job.name.split("_", 1)[0], overrides, best, step))
+    if not jobs:
+        raise ConfigError(f"{sweep_dir} holds no sweep jobs (no */.hydra/overrides.yaml)")
+    keys = sorted({k for _, o, _, _ in jobs for k in o})
+    differ = [k for k in keys if len({o.get(k) for _, o, _, _ in jobs}) > 1]
+    jobs.sort(key=lambda j: (j[2] is None, j[2] if j[2] is not None else 0.0, int(j[0]) if j[0].isdigit() else 0))
+    rows = ["| job | " + " | ".join(differ or ["overrides"]) + " | best val loss | at step |"]
+    rows.append("|---" * (len(differ or ["overrides"]) + 3) + "|")
+    for num, o, best, step in jobs:
+        cells = [o.get(k, "") for k in differ] if differ else [" ".join(f"{k}={v}" for k, v in o.items())]
+        result = f"**{best:.4f}** | {step:,}" if best is not None else "failed | —"
+        rows.append(f"| {num} | " + " | ".join(cells) + f" | {result} |")
     return "\n".join(rows)
 
 

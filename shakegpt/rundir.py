@@ -14,6 +14,7 @@ A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,20 @@ class PrepareRun(Callback):
             config.hydra.sweep.dir = sweep_dir
             # each job's config is composed again from the sweep's overrides: it must name this one
             config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quoted(sweep_dir)}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep's jobs, best first, on the terminal and in <sweep dir>/summary.md."""
+        from shakegpt.errors import ShakeGPTError
+        from shakegpt.results import sweep_table
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            text = sweep_table(sweep_dir)
+        except (ShakeGPTError, OSError):
+            return  # no job got as far as a directory of its own: nothing to sum up
+        with contextlib.suppress(OSError):  # a read-only sweep directory: the table is still printed
+            (sweep_dir / "summary.md").write_text(text + "\n")
+        print(f"\nsweep {sweep_dir}, best first:\n{text}", flush=True)
 
     @staticmethod
     def _set_output_dir(config: DictConfig, target: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from shakegpt.errors import ConfigError
-from shakegpt.results import keep, last_sample, load_reference, plot, read_scalars, summarize, table
+from shakegpt.results import keep, last_sample, load_reference, plot, read_scalars, summarize, sweep_table, table
 
 from .conftest import compose_cfg
 
@@ -167,3 +167,23 @@ def test_the_readme_is_a_front_door_and_quotes_the_kept_quickstart():
     assert "\n".join(snippet[2:]) in sample and len(snippet) >= 5  # its closing text
     m = json.loads((ref / "metrics.json").read_text())
     assert f"val loss {m['best_val_loss']:.4f}" in readme.split("## Quickstart")[1]
+
+
+def test_a_sweep_table_lists_jobs_best_first_with_what_differs(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for num, lr, losses in (("0", "0.001", [3.0, 2.5]), ("1", "0.003", [2.8, 2.1]), ("2", "-1", None)):
+        job = tmp_path / f"{num}_optim.lr={lr}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- model=v3\n")
+        if losses:  # job 2 failed before it validated: no event file
+            with SummaryWriter(job / "tensorboard") as w:
+                for i, v in enumerate(losses):
+                    w.add_scalar("val/loss", v, 10 * i + 9)
+    assert sweep_table(tmp_path).splitlines() == [
+        "| job | optim.lr | best val loss | at step |",
+        "|---|---|---|---|",
+        "| 1 | 0.003 | **2.1000** | 20 |",
+        "| 0 | 0.001 | **2.5000** | 20 |",
+        "| 2 | -1 | failed | — |",
+    ]

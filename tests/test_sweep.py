@@ -40,7 +40,7 @@ def multirun(cwd, *args):
 
 def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
     (tmp_path / "outputs" / "multiruns").mkdir(parents=True)
-    multirun(tmp_path, "model/pos_encoding=learned,rope,none")  # the default, claimed sweep directory
+    r = multirun(tmp_path, "model/pos_encoding=learned,rope,none")  # the default, claimed sweep directory
     sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
     assert len(sweeps) == 1 and sweeps[0].name.count("_") == 1, sweeps  # <date>_<time>
     sweep = sweeps[0]
@@ -49,6 +49,11 @@ def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
     for i, enc in enumerate(("learned", "rope", "none")):
         assert jobs[i].startswith(f"{i}_") and f"model-pos_encoding={enc}" in jobs[i]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]  # nothing written elsewhere
+    # the sweep ends with its jobs, best first, on the terminal and in summary.md
+    table = (sweep / "summary.md").read_text().strip()
+    assert table in r.stdout and table.splitlines()[0] == "| job | model/pos_encoding | best val loss | at step |"
+    best = [float(line.split("**")[1]) for line in table.splitlines()[2:]]
+    assert len(best) == 3 and best == sorted(best)
     encodings = set()
     for job in sweep.iterdir():
         if not job.is_dir():
