@@ -70,12 +70,19 @@ class PrepareRun(Callback):
                 self._set_output_dir(config, target)
         except ShakeGPTError as e:  # the user's to fix: one line, and nothing made
             raise SystemExit(f"error: {e}") from None
+        except OSError as e:  # checked writable a moment ago: the disk changed under us
+            raise SystemExit(f"error: the run directory {target} cannot be made: {e.strerror or e}") from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if given_on_command_line(config, "hydra.sweep.dir"):
             return
         HydraConfig.instance().set_config(config)
-        sweep_dir = str(claim(Path(str(config.hydra.sweep.dir))))
+        try:
+            sweep_dir = str(claim(Path(str(config.hydra.sweep.dir))))
+        except OSError as e:
+            raise SystemExit(
+                f"error: hydra.sweep.dir={config.hydra.sweep.dir} cannot be made: {e.strerror or e}"
+            ) from None
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.sweep.dir = sweep_dir
             # each job's config is composed again from the sweep's overrides: it must name this one
@@ -83,7 +90,6 @@ class PrepareRun(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep's jobs, best first, on the terminal and in <sweep dir>/summary.md."""
-        from shakegpt.errors import ShakeGPTError
         from shakegpt.results import sweep_table
 
         sweep_dir = Path(str(config.hydra.sweep.dir))

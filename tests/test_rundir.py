@@ -111,3 +111,15 @@ def test_sweeps_started_together_get_their_own_directories_and_their_jobs_follow
         assert cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir={quoted(cfg.hydra.sweep.dir)}"
     assert dirs == ["outputs/multiruns/2026-11-30_19-42-07", "outputs/multiruns/2026-11-30_19-42-07-2"]
     assert all((tmp_path / d).is_dir() for d in dirs)
+
+
+def test_a_sweep_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    from shakegpt.rundir import PrepareRun
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").write_text("a file where the folder would go")
+    cfg = _hydra_cfg("hydra.sweep.dir=outputs/multiruns/x")
+    with read_write(cfg.hydra):  # as if set by the config, not the command line: claimed
+        cfg.hydra.overrides.hydra = [o for o in cfg.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir")]
+    with pytest.raises(SystemExit, match="^error: hydra.sweep.dir=outputs/multiruns/x cannot be made: "):
+        PrepareRun().on_multirun_start(cfg)
