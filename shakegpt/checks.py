@@ -175,7 +175,7 @@ def check_sample_section(sample: Mapping, prefix: str) -> None:
     check_sampling(sample.get("temperature"), sample.get("top_k"), sample.get("top_p"), prefix)
     non_negative_int(f"{prefix}num_chars", sample.get("num_chars"))
     prompt = sample.get("prompt")
-    if sample.get("num_chars") and (not isinstance(prompt, str) or not prompt):
+    if sample.get("num_chars") and not sample.get("prompt_file") and (not isinstance(prompt, str) or not prompt):
         raise ConfigError(f"{prefix}prompt={prompt!r} is invalid; give at least one character, e.g. a newline")
     seed = sample.get("seed")
     if seed is not None:

@@ -27,18 +27,6 @@ class TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def write_to_log_file(text: str) -> None:
-    """Write `text` to the run's log file only (the terminal already shows it in its own way)."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                handler.stream.write(text if text.endswith("\n") else text + "\n")
-                handler.flush()
-            finally:
-                handler.release()
-
-
 def header(
     preset: str, params: int, original: int, corpus: Path, n_chars: int, vocab: int, device: str, precision: str
 ) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -85,16 +84,3 @@ def report_lost_ranks(trainer, run_dir: Path) -> None:
 
     observer._shakegpt_original = original
     observer._terminate_all = terminate_all
-
-
-def traceback_to_log_file(e: BaseException) -> None:
-    """Write the traceback of a failure to the run's log file (not to the terminal)."""
-    text = "".join(traceback.format_exception(e))
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                handler.stream.write(text)
-                handler.flush()
-            finally:
-                handler.release()

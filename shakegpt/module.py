@@ -12,7 +12,6 @@ import time
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from shakegpt.checks import check_optim
@@ -20,6 +19,7 @@ from shakegpt.errors import ConfigError, DivergedError
 from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P, stream_text
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.tokenizer import CharTokenizer
+from shakegpt.val_pass import loss_and_accuracy
 
 LN2 = math.log(2.0)
 log = logging.getLogger(__name__)
@@ -88,10 +88,7 @@ class LitGPT(L.LightningModule):
 
     def _loss_acc(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        logits = self.model(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        acc = (logits.argmax(-1) == y).float().mean()
-        return loss, acc
+        return loss_and_accuracy(self.model(x), y)
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._loss_acc(batch)

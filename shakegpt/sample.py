@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig
 
-from shakegpt.checks import check_sampling, check_seed, is_int, require
+from shakegpt.checks import check_sample_section, is_int, require
 from shakegpt.configs import CONF_DIR
 from shakegpt.errors import ConfigError, exit_on_user_error
 
@@ -58,12 +58,9 @@ def check_device(device: str) -> torch.device:
 def check_values(cfg: DictConfig) -> None:
     """Everything about the command's values that needs neither torch nor the checkpoint."""
     require(cfg, "ckpt_path", "a .ckpt file, a run directory or an exported bundle, e.g. ckpt_path=outputs/runs/<run>")
-    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
-    if not is_int(cfg.num_chars) or cfg.num_chars < 0:
-        raise ConfigError(f"num_chars={cfg.num_chars!r} is invalid; it must be an integer >= 0")
+    check_sample_section(cfg, "")  # temperature, top_k, top_p, num_chars, prompt, seed: as for training's samples
     if not is_int(cfg.num_samples) or cfg.num_samples < 1:
         raise ConfigError(f"num_samples={cfg.num_samples!r} is invalid; it must be an integer >= 1")
-    check_seed(cfg.seed)
 
 
 def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:

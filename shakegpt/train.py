@@ -25,7 +25,7 @@ from shakegpt.checks import check_train_config
 from shakegpt.configs import CONF_DIR
 from shakegpt.console import FILE_ONLY, header, summary
 from shakegpt.errors import ShakeGPTError, TrainingFailed
-from shakegpt.failures import describe_failure, report_lost_ranks, traceback_to_log_file
+from shakegpt.failures import describe_failure, report_lost_ranks
 from shakegpt.hardware import physical_cores, resolve_precision
 from shakegpt.hparams import hparams_of, param_counts
 from shakegpt.module import LitGPT
@@ -90,14 +90,13 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     report_lost_ranks(trainer, Path(cfg.paths.output_dir))
     if trainer.is_global_zero:
         device = f"{trainer.num_devices} x {trainer.strategy.root_device.type}"
-        text = datamodule.corpus_path
         log.info(
             "%s",
             header(
                 (choices or {}).get("model", "model"),
                 params["params_exact"],
                 params["params_original_formula"],
-                text,
+                datamodule.corpus_path,
                 len(datamodule.train_ids) + len(datamodule.val_ids),
                 len(datamodule.tokenizer.chars),
                 device,
@@ -139,9 +138,8 @@ def main(cfg: DictConfig) -> float | None:
         with sweep_job():
             metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
     except ShakeGPTError as e:  # the user's to fix, or a failure told in one line: no traceback on screen
-        log.error("%s", e, extra=FILE_ONLY)  # the terminal gets it once, as "error: …" below
-        if e.__cause__ is not None:
-            traceback_to_log_file(e.__cause__)
+        # train.log gets the message and the cause's traceback; the terminal gets one "error: …" line below
+        log.error("%s", e, exc_info=e.__cause__, extra=FILE_ONLY)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # one failed job of a sweep (an Optuna trial with a bad value) must not end the sweep
         remove_if_empty(Path(HydraConfig.get().runtime.output_dir))

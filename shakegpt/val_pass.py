@@ -22,6 +22,13 @@ AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 CAST = {"32-true": torch.float32, "32": torch.float32, "bf16-true": torch.bfloat16, "64-true": torch.float64}
 
 
+def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy (in fp32) and the share of top-1 hits of logits (B, T, V) for targets (B, T):
+    what training logs and what this pass sums."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss, (logits.argmax(-1) == targets).float().mean()
+
+
 @torch.no_grad()
 def full_val_pass(
     model: GPT, val_ids: torch.Tensor, seq_len: int, batch_size: int, precision: str = "32-true"
@@ -40,10 +47,9 @@ def full_val_pass(
         ctx = torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
         with ctx:
             logits = model(x)  # (B, T, V)
+        loss, acc = loss_and_accuracy(logits, y)
         n = y.numel()
-        loss_sum += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).item() * n
-        correct += (logits.argmax(-1) == y).sum().item()
-        count += n
+        loss_sum, correct, count = loss_sum + loss.item() * n, correct + acc.item() * n, count + n
     model.train(was_training)
     loss = loss_sum / count
     return {"val/loss": loss, "val/acc": correct / count, "val/bpc": loss / math.log(2)}, time.perf_counter() - start

@@ -267,3 +267,11 @@ def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"--out {tmp_path}/file/plot.png could not be written"):
         plot(ROOT / "outputs" / "reference", tmp_path / "file" / "plot.png")
+
+
+def test_evaluate_accepts_exactly_the_precisions_the_val_pass_runs():
+    """evaluate checks precision names before importing torch: its list must be the pass's own."""
+    from shakegpt.evaluate import PRECISIONS
+    from shakegpt.val_pass import AUTOCAST, CAST
+
+    assert set(PRECISIONS) == {"auto", *AUTOCAST, *CAST}
