@@ -1,6 +1,6 @@
 """shakegpt's own Lightning callbacks: the step progress bar, the original runs' log line, text samples,
-the TensorBoard HParams entry and the checkpoint saved when a run is interrupted; and the
-checkpoint writer that never leaves a truncated file."""
+the TensorBoard HParams entry and Custom Scalars layout, and the checkpoint saved when a run is
+interrupted; the TensorBoard logger; and the checkpoint writer that never leaves a truncated file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -139,25 +139,67 @@ class TextSample(L.Callback):
 
 
 class HParamsWithMetric(L.Callback):
-    """Write the run's hyperparameters to TensorBoard's HParams tab with `val/loss_best` and
-    `val/loss` as its metrics. Their values come from the scalars logged at each validation, so the
-    tab never shows a placeholder (Lightning's `hp_metric = -1`)."""
+    """Write the run's entry in TensorBoard's HParams tab: its settings (booleans and strings as
+    themselves), the ones in `differing` marked so (the tab shows those first), `name` as the run's
+    name in the table (its trial ID), and the best and the last val loss as the metric columns. Their
+    values come from the scalars logged at each validation, so the tab never shows a placeholder
+    (Lightning's `hp_metric = -1`). The run's status (finished, or failed or stopped) is written at its end."""
 
-    METRICS = ("val/loss_best", "val/loss", "val/acc", "val/bpc")
+    METRICS = (("val/loss_best", "best val loss"), ("val/loss", "last val loss"))
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, params: dict[str, Any], differing: list[str] | tuple[str, ...] = (), name: str = ""):
         self.params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+        self.differing, self.name = [k for k in differing if k in self.params], name
 
-    @rank_zero_only
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
+    def _write(self, trainer: L.Trainer, summaries: list) -> None:
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):
                 writer = lg.experiment._get_file_writer()
-                # the metric values given here are not written; only the metric names are declared
-                for summary in hparams(self.params, dict.fromkeys(self.METRICS, 0.0)):
+                for summary in summaries:
                     writer.add_summary(summary)
+                writer.flush()
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from shakegpt.tb_summaries import hparams_start
+
+        self._write(trainer, hparams_start(self.params, self.differing, self.METRICS, self.name))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from shakegpt.tb_summaries import hparams_end
+
+        self._write(trainer, [hparams_end("STATUS_SUCCESS")])
+
+    @rank_zero_only
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from shakegpt.tb_summaries import hparams_end
+
+        self._write(trainer, [hparams_end("STATUS_FAILURE")])  # stopped, crashed or diverged: not finished
+
+
+class ScalarsLayout(L.Callback):
+    """TensorBoard's Custom Scalars tab, laid out to answer "is it learning": train loss (averaged
+    since the previous validation) and val loss on one chart, then accuracy, the learning rate and
+    the speed."""
+
+    LAYOUT: ClassVar[dict] = {
+        "is it learning": {
+            "loss: train (mean since the last validation) and val": ["Multiline", ["train/loss_avg", "val/loss"]],
+            "accuracy: train (mean since the last validation) and val": ["Multiline", ["train/acc_avg", "val/acc"]],
+        },
+        "schedule and speed": {
+            "learning rate": ["Multiline", ["train/lr"]],
+            "tokens per second": ["Multiline", ["throughput/tokens_per_s"]],
+            "milliseconds per step": ["Multiline", ["throughput/step_ms"]],
+        },
+    }
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_custom_scalars(self.LAYOUT)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -222,12 +264,17 @@ class InterruptCheckpoint(Checkpoint):
 
 
 class RunTensorBoardLogger(TensorBoardLogger):
-    """Lightning's TensorBoard logger without the `epoch` scalar it adds to every write: training
-    is an endless stream of batches, so the epoch stays 0 and would be the first chart a user sees."""
+    """Lightning's TensorBoard logger with two changes:
+    - scalars are written at the step the log line, the text samples and the checkpoint names
+      give: Lightning hands its loggers the number of optimizer steps done *before* the one being
+      logged (the validation after step 100 arrives as step 99), so one is added here;
+    - no `epoch` scalar: training is an endless stream of batches, so the epoch stays 0 and would
+      be the first chart a user sees."""
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
+        super().log_metrics(metrics, None if step is None else step + 1)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

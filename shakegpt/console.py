@@ -4,6 +4,8 @@ header, and a closing summary that says where the run is and what to do with it.
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from pathlib import Path
 
 from tqdm import tqdm
@@ -46,15 +48,31 @@ def shown(path: Path) -> str:
         return str(path)
 
 
+def quoted(value: str) -> str:
+    """A string as a quoted value of Hydra's override grammar."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override(key: str, value: str) -> str:
+    """`key=value` as a shell argument that Hydra reads back as `value`: a sweep job's directory
+    (`…/1_model=v3,optim.lr=0.001`) holds characters that Hydra's grammar would take for a sweep."""
+    if re.fullmatch(r"[\w./@:+-]*", value):
+        return f"{key}={value}"
+    if not re.search(r"[\"$`\\!']", value):  # double quotes keep it whole and readable
+        return f'"{key}={quoted(value)}"'
+    return shlex.quote(f"{key}={quoted(value)}")
+
+
 def summary(run_dir: Path, best: str | None, best_loss: float | None, steps: int) -> str:
     """Where the finished run is, its best checkpoint, and the commands to look at it."""
     run_dir = shown(run_dir)
+    ckpt = override("ckpt_path", run_dir)
     lines = [f"run      {run_dir} ({steps} steps)"]
     if best:
         lines.append(f"best     {Path(best).name} (val loss {best_loss:.4f})")
     lines += [
-        f"watch    tensorboard --logdir {run_dir}",
-        f"sample   python -m shakegpt.sample ckpt_path={run_dir}",
-        f"resume   this run's command + ckpt_path={run_dir} trainer.max_steps=<more>",
+        f"watch    tensorboard --logdir {shlex.quote(run_dir)}",
+        f"sample   python -m shakegpt.sample {ckpt}",
+        f"resume   this run's command + {ckpt} trainer.max_steps=<more>",
     ]
     return "\n".join(lines)

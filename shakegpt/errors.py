@@ -29,6 +29,9 @@ class CheckpointError(ShakeGPTError, RuntimeError):
     """A checkpoint or exported bundle is missing, unreadable, or does not fit its model."""
 
 
+JOB_ERROR_FILE = "error.txt"  # in a failed sweep job's directory: the one-line error, for the sweep's table
+
+
 def exit_on_user_error(entry):
     """Wrap a command-line entry point: a ShakeGPTError ends the program with `error: <message>`
     on one line and exit code 1, instead of a traceback."""

@@ -34,10 +34,39 @@ def hparams_of(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[s
             flat[prefix] = node
 
     walk("", keep)
-    for group in ("model", "model/pos_encoding", "experiment"):
+    for group in PRESET_GROUPS:  # model/pos_encoding's choice is model.pos_encoding already
         if choices and choices.get(group):
             flat[f"preset.{group}"] = choices[group]
     return flat
+
+
+PRESET_GROUPS = ("model", "experiment")
+
+
+def differing(params: dict[str, Any], cfg: DictConfig, choices: dict[str, str] | None, keys: list[str]) -> list[str]:
+    """The names in `params` of the settings that tell this run from its neighbours: the preset
+    names, then the keys of `keys` (what a sweep varies, or a run's command-line overrides, as
+    Hydra writes them: `optim.lr`, `model/pos_encoding`, `+trainer.foo`). A key the flat dict lacks
+    (`trainer.val_check_interval`, a group such as `data`) is added to `params` with its value.
+    Hydra's own keys are left out."""
+    names = [f"preset.{g}" for g in PRESET_GROUPS if f"preset.{g}" in params]
+    for raw in keys:
+        key = raw.lstrip("+~")
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        dotted = key.replace("/", ".")
+        for name in (key, f"preset.{key}", dotted):
+            if name in params:
+                break
+        else:
+            if choices and key in choices:  # a config group: the option chosen
+                name, value = f"preset.{key}", choices[key]
+            else:
+                name, value = key, OmegaConf.select(cfg, key, default=None)
+            params[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        if name not in names:
+            names.append(name)
+    return names
 
 
 def param_counts(model: GPT, seq_len: int) -> dict[str, int]:

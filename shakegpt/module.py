@@ -107,12 +107,14 @@ class LitGPT(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        # tokens/s over the steps since the last reading, across all ranks
+        # tokens/s over the steps since the last reading, across all ranks, and the wall time a step takes
         now, step = time.perf_counter(), self.global_step
         if self._tick is not None and step > self._tick[1] and step % self.trainer.log_every_n_steps == 0:
             x, _ = batch
             tokens = x.numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size * (step - self._tick[1])
-            self.log("throughput/tokens_per_s", tokens / (now - self._tick[0]), rank_zero_only=True)
+            seconds = now - self._tick[0]
+            self.log("throughput/tokens_per_s", tokens / seconds, rank_zero_only=True)
+            self.log("throughput/step_ms", 1000 * seconds / (step - self._tick[1]), rank_zero_only=True)
             self._tick = (now, step)
         elif self._tick is None:
             self._tick = (now, step)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from shakegpt.errors import ConfigError, exit_on_user_error
+from shakegpt.errors import JOB_ERROR_FILE, ConfigError, exit_on_user_error
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "outputs" / "reference"
 
@@ -28,6 +28,7 @@ REFERENCE_DIR = Path(__file__).resolve().parent.parent / "outputs" / "reference"
 ORIGINAL = {"v1": 1.7002, "v2": 1.7531, "v3": 1.6900}
 ORIGINAL_WALL = {"v1": "5h20m", "v2": "38 min", "v3": "40 min"}
 NANOGPT = 1.4697
+MAX_ERROR_CHARS = 120  # of a failed job's error, in a sweep's table
 
 
 def original_row(name: str) -> float | None:
@@ -80,9 +81,9 @@ def summarize(run_dir: str | Path) -> dict:
     train_end = max(e[2] for evs in s.values() for e in evs)
     return {
         "best_val_loss": round(best[1], 4),
-        "best_step": best[0] + 1,
+        "best_step": best[0],
         "last_val_loss": round(val[-1][1], 4),
-        "steps": max(e[0] for evs in s.values() for e in evs) + 1,
+        "steps": max(e[0] for evs in s.values() for e in evs),
         "train_seconds": round(train_end, 1),
         "seconds_to_best": round(best[2], 1),
     }
@@ -175,18 +176,23 @@ def table(root: str | Path = REFERENCE_DIR) -> str:
 
 def sweep_table(sweep_dir: str | Path) -> str:
     """A sweep's jobs as a markdown table, best val loss first: job, the overrides that differ
-    between jobs, best val loss and its step. A job that never validated is listed last as failed."""
+    between jobs, best val loss and its step. A job that failed (its error in the last column) or
+    never validated is listed last as failed."""
     sweep_dir = Path(sweep_dir)
     jobs = []
     for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()):
         overrides = dict(
             str(o).split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if "=" in str(o)
         )
+        error = job / JOB_ERROR_FILE
         try:
             s = summarize(job)
             best, step = s["best_val_loss"], s["best_step"]
         except ConfigError:  # no event files or no validation: the job failed before it validated
             best, step = None, None
+        if error.is_file():  # it may have validated before it failed: its figures are not a result
+            text = error.read_text().strip().splitlines()[0]
+            best, step = None, text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
         jobs.append((job.name.split("_", 1)[0], overrides, best, step))
     if not jobs:
         raise ConfigError(f"{sweep_dir} holds no sweep jobs (no */.hydra/overrides.yaml)")
@@ -197,7 +203,7 @@ def sweep_table(sweep_dir: str | Path) -> str:
     rows.append("|---" * (len(differ or ["overrides"]) + 3) + "|")
     for num, o, best, step in jobs:
         cells = [o.get(k, "") for k in differ] if differ else [" ".join(f"{k}={v}" for k, v in o.items())]
-        result = f"**{best:.4f}** | {step:,}" if best is not None else "failed | —"
+        result = f"**{best:.4f}** | {step:,}" if best is not None else f"failed | {step or '—'}"
         rows.append(f"| {num} | " + " | ".join(cells) + f" | {result} |")
     return "\n".join(rows)
 

@@ -21,9 +21,11 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from shakegpt.errors import ShakeGPTError
+from shakegpt.console import quoted
+from shakegpt.errors import JOB_ERROR_FILE, ShakeGPTError
 
 MAX_CLAIM_TRIES = 1000
 
@@ -44,11 +46,6 @@ def claim(base: Path) -> Path:
 
 def given_on_command_line(config: DictConfig, key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
-
-
-def quoted(value: str) -> str:
-    """A string as a quoted value of Hydra's override grammar."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class PrepareRun(Callback):
@@ -74,6 +71,7 @@ class PrepareRun(Callback):
             raise SystemExit(f"error: the run directory {target} cannot be made: {e.strerror or e}") from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._tell_jobs_what_is_swept(config)
         if given_on_command_line(config, "hydra.sweep.dir"):
             return
         HydraConfig.instance().set_config(config)
@@ -88,6 +86,13 @@ class PrepareRun(Callback):
             # each job's config is composed again from the sweep's overrides: it must name this one
             config.hydra.overrides.hydra.append(f"hydra.sweep.dir={quoted(sweep_dir)}")
 
+    @staticmethod
+    def _tell_jobs_what_is_swept(config: DictConfig) -> None:
+        """A job sees only its own overrides; the keys the sweep varies travel to it in its config."""
+        keys = ",".join(swept_keys(config))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{SWEPT}={quoted(keys)}")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep's jobs, best first, on the terminal and in <sweep dir>/summary.md."""
         from shakegpt.results import sweep_table
@@ -100,12 +105,60 @@ class PrepareRun(Callback):
         with contextlib.suppress(OSError):  # a read-only sweep directory: the table is still printed
             (sweep_dir / "summary.md").write_text(text + "\n")
         print(f"\nsweep {sweep_dir}, best first:\n{text}", flush=True)
+        failed = sorted(p.parent.name.split("_", 1)[0] for p in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
+        if failed and not sweeper_records_failures(config.hydra.sweeper):
+            raise SystemExit(
+                f"error: {len(failed)} job(s) of the sweep failed (job {', '.join(failed)}): "
+                f"each job's train.log in {sweep_dir} has its error and traceback"
+            )
 
     @staticmethod
     def _set_output_dir(config: DictConfig, target: Path) -> None:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = str(target)
             config.hydra.runtime.output_dir = str(target.absolute())
+
+
+SWEPT = "SHAKEGPT_SWEPT"  # the variable (hydra.job.env_set) that names a sweep's varied keys to its jobs
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a sweep varies: command-line overrides with several values (`model=v1,v3`,
+    `optim.lr=interval(…)`) and the sweeper's own `params` (an Optuna search space)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [str(o) for o in config.hydra.overrides.task]
+    lines += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    keys = []
+    for o in OverridesParser.create().parse_overrides(lines):
+        if o.is_sweep_override() and o.key_or_group not in keys:
+            keys.append(o.key_or_group)
+    return keys
+
+
+def run_identity() -> tuple[list[str], str]:
+    """What sets the current run apart, for TensorBoard: the keys that differ (in a sweep, the swept
+    keys; for a single run, its command-line overrides) and a short, distinct name: a sweep job's
+    number and swept values (`3: v3 0.001`), a single run's directory name."""
+    hc = HydraConfig.get()
+    task = [str(o).split("=", 1) for o in hc.overrides.task if "=" in str(o)]
+    if hc.mode == RunMode.MULTIRUN:
+        swept = [k for k in str(hc.job.env_set.get(SWEPT, "")).split(",") if k]
+        values = [v for k, v in task if k.lstrip("+~") in swept]
+        return swept, f"{hc.job.num}: {' '.join(values)}" if values else str(hc.job.num)
+    return [k for k, _ in task], Path(hc.runtime.output_dir).name
+
+
+def sweeper_records_failures(sweeper: DictConfig) -> bool:
+    """Whether the sweeper records a failed job and goes on (Optuna: a FAIL trial, within
+    max_failure_rate), rather than ending the sweep at the first failure (Hydra's grid sweeper)."""
+    return "BasicSweeper" not in str(sweeper.get("_target_", ""))
+
+
+def record_job_failure(job_dir: Path, error: BaseException) -> None:
+    """Leave a failed sweep job's one-line error in its directory, for the sweep's table."""
+    with contextlib.suppress(OSError):
+        (job_dir / JOB_ERROR_FILE).write_text(f"{error}\n")
 
 
 def remove_if_empty(run_dir: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric
+from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout
 from shakegpt.checkpoint import check_resumable
 from shakegpt.checks import check_train_config
 from shakegpt.configs import CONF_DIR
@@ -27,9 +28,9 @@ from shakegpt.console import FILE_ONLY, header, summary
 from shakegpt.errors import ShakeGPTError, TrainingFailed
 from shakegpt.failures import describe_failure, report_lost_ranks
 from shakegpt.hardware import physical_cores, resolve_precision
-from shakegpt.hparams import hparams_of, param_counts
+from shakegpt.hparams import differing, hparams_of, param_counts
 from shakegpt.module import LitGPT
-from shakegpt.rundir import remove_if_empty
+from shakegpt.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
 from shakegpt.sweep_ddp import sweep_job
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,12 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, float]:
-    """Fit the model that `cfg` describes; return the final callback metrics as floats."""
+def train(
+    cfg: DictConfig, choices: dict[str, str] | None = None, differ: list[str] | None = None, name: str = ""
+) -> dict[str, float]:
+    """Fit the model that `cfg` describes; return the final callback metrics as floats. `choices`
+    (the config groups' options), `differ` (the keys that set this run apart) and `name` label the
+    run in TensorBoard's HParams tab."""
     check_train_config(cfg, cfg.paths.output_dir, check_ckpt=False)  # the checkpoint: below, with the vocabulary
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
@@ -72,7 +77,7 @@ def train(cfg: DictConfig, choices: dict[str, str] | None = None) -> dict[str, f
     for switch, kind in (("enable_progress_bar", ProgressBar), ("enable_checkpointing", Checkpoint)):
         if not cfg.trainer.get(switch, True):
             callbacks = [c for c in callbacks if not isinstance(c, kind)]
-    callbacks.append(HParamsWithMetric(params))
+    callbacks += [HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name), ScalarsLayout()]
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     extra = {}
     interval, steps = cfg.trainer.get("val_check_interval"), cfg.trainer.get("max_steps", -1)
@@ -134,14 +139,21 @@ def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision("high")
     # a deprecation inside Lightning that users can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    differ, name = run_identity()
     try:
         with sweep_job():
-            metrics = train(cfg, dict(HydraConfig.get().runtime.choices))
+            metrics = train(cfg, dict(HydraConfig.get().runtime.choices), differ, name)
     except ShakeGPTError as e:  # the user's to fix, or a failure told in one line: no traceback on screen
         # train.log gets the message and the cause's traceback; the terminal gets one "error: …" line below
         log.error("%s", e, exc_info=e.__cause__, extra=FILE_ONLY)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # one failed job of a sweep (an Optuna trial with a bad value) must not end the sweep
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:  # one failed job must not end the sweep: the others still run
+            record_job_failure(Path(hc.runtime.output_dir), e)
+            if sweeper_records_failures(hc.sweeper):
+                raise  # Optuna records the trial as failed
+            which = " ".join(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in differ)
+            print(f"error: job {hc.job.num} ({which}): {e}", file=sys.stderr, flush=True)
+            return None  # the grid goes on; the sweep's table lists this job as failed, and it exits 1
         remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         raise SystemExit(f"error: {e}") from None
     name = cfg.get("optimized_metric")

@@ -168,12 +168,12 @@ def test_sample_cli_missing_checkpoint(tmp_path):
 
 def test_eval_gives_the_numbers_training_logged(trained_run):
     out, cfg, _ = trained_run
-    logged = dict(scalars(load_run(out / "tensorboard"), "val/loss"))  # {step - 1: val loss}
+    logged = dict(scalars(load_run(out / "tensorboard"), "val/loss"))  # {step: val loss}
     best = resolve_checkpoint(out)
     step = torch.load(best, weights_only=True)["global_step"]
     data = {"path": str(TINY), "batch_size": cfg.data.batch_size, "seq_len": None}
     row = evaluate_checkpoint(best, data, precision="32-true")
-    assert row["step"] == step and row["val_loss"] == pytest.approx(logged[step - 1], abs=1e-6)
+    assert row["step"] == step and row["val_loss"] == pytest.approx(logged[step], abs=1e-6)
     n_val = len(TINY.read_text()) - int(len(TINY.read_text()) * 0.9)
     assert row["seq_len"] == 32 and row["val_windows"] == (n_val - 1) // 32
 

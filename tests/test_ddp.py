@@ -78,7 +78,7 @@ def test_two_cpu_processes_then_resume(tmp_path):
     assert "- step 9/9:" in (second / "train.log").read_text()
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
     steps = [s for s, _ in scalars(load_run(second / "tensorboard"), "train/loss")]
-    assert min(steps) >= 6 and max(steps) == 8, steps
+    assert min(steps) >= 7 and max(steps) == 9, steps  # steps 7..9, after the 6 of the checkpoint
 
 
 def test_when_one_rank_dies_the_other_exits_soon(tmp_path):

@@ -86,7 +86,7 @@ def _steps_of(run_dir):
 def test_last_ckpt_is_the_latest_state_after_val_loss_turns_up(tmp_path):
     """last.ckpt follows every validation and the end of the run; the best checkpoint stays at the best step."""
     train(compose_cfg(tmp_path, *OVERFIT, "trainer.max_steps=42", "trainer.val_check_interval=4"))
-    val = [(s + 1, v) for s, v, _ in read_scalars(tmp_path)["val/loss"]]
+    val = [(s, v) for s, v, _ in read_scalars(tmp_path)["val/loss"]]
     best_step = min(val, key=lambda sv: sv[1])[0]
     assert best_step < val[-1][0], f"the run did not over-fit: {val}"
     last, best = _steps_of(tmp_path)
@@ -182,11 +182,12 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
         "resuming at step 6; settings from this run's config: optim.lr 0.005 -> 0.0005; "
         "optim.weight_decay 0.1 -> 0.5; optim.min_lr_ratio 0.1 -> 0.2; model.dropout 0.0 -> 0.1"
     ) in caplog.text
-    # validation every 3 steps from the command line: at step 9 (logged as 8), then last.ckpt at the end
-    assert [s for s, _, _ in read_scalars(second)["val/loss"]] == [8]
+    # validation every 3 steps from the command line: at step 9, then last.ckpt at the end
+    assert [s for s, _, _ in read_scalars(second)["val/loss"]] == [9]
+    # steps 7..10 (the count comes from the checkpoint) use the schedule's lr after 6..9 steps done
     expected = [5e-4 * lr_factor(s, 2, 10, 0.2, "cosine") for s in range(6, 10)]
     logged = read_scalars(second)["train/lr"]
-    assert [s for s, _, _ in logged] == [6, 7, 8, 9]  # the step comes from the checkpoint
+    assert [s for s, _, _ in logged] == [7, 8, 9, 10]
     assert [v for _, v, _ in logged] == pytest.approx(expected, rel=1e-5)
     ckpt = torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)
     groups = ckpt["optimizer_states"][0]["param_groups"]

@@ -1,6 +1,7 @@
 """Reference-run artifacts: summaries from event files, `keep`, the table and the plot."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from shakegpt.errors import ConfigError
 from shakegpt.results import keep, last_sample, load_reference, plot, read_scalars, summarize, sweep_table, table
 
 from .conftest import compose_cfg
+from .tb import load_run, texts
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def test_summary_matches_what_training_returned(trained_run):
     assert s["steps"] == 6 and s["best_step"] in (3, 6)
     assert 0 < s["seconds_to_best"] <= s["train_seconds"]
     val = read_scalars(run_dir)["val/loss"]
-    assert [e[0] + 1 for e in val] == [3, 6]  # validations at steps 3 and 6
+    assert [e[0] for e in val] == [3, 6]  # validations at steps 3 and 6
 
 
 def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
@@ -107,6 +109,10 @@ def results_rows(page: str, run: str) -> list[str]:
 SHORT_COMMANDS = {"nanogpt-ema": ["model=nanogpt", "experiment=nanogpt_ema"]}
 
 
+def text_samples(run_dir: Path) -> list[tuple[int, str]]:
+    return texts(load_run(run_dir / "tensorboard"), "sample/text_summary")
+
+
 def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     """`python train.py <overrides>` composes today to the config the kept run `ref` trained with."""
     kept = OmegaConf.load(ref / "config.yaml")
@@ -137,6 +143,14 @@ def test_committed_reference_runs_agree_with_their_events_and_the_docs(run):
     assert m["name"] == run
     s = summarize(ref)
     assert {k: m[k] for k in s} == s
+    # one step numbering: each validation's log line names the step its scalars and sample sit at
+    logged = [
+        (int(a), float(b))
+        for a, b in re.findall(r"- step (\d+)/\d+: train loss \S+, val loss (\S+);", (ref / "train.log").read_text())
+    ]
+    events = {step: round(v, 4) for step, v, _ in read_scalars(ref)["val/loss"]}
+    assert logged and all(events.get(step) == v for step, v in logged), (logged[:3], list(events.items())[:3])
+    assert set(events) <= {step for step, _ in text_samples(ref)}
     overrides = [str(o) for o in OmegaConf.load(ref / "overrides.yaml")]
     assert m["command"].split()[2:] == overrides  # python train.py <the run's overrides>
     # ... and that command, run today, trains what the kept run trained
@@ -179,7 +193,7 @@ def test_a_sweep_table_lists_jobs_best_first_with_what_differs(tmp_path):
         if losses:  # job 2 failed before it validated: no event file
             with SummaryWriter(job / "tensorboard") as w:
                 for i, v in enumerate(losses):
-                    w.add_scalar("val/loss", v, 10 * i + 9)
+                    w.add_scalar("val/loss", v, 10 * (i + 1))
     assert sweep_table(tmp_path).splitlines() == [
         "| job | optim.lr | best val loss | at step |",
         "|---|---|---|---|",

@@ -10,7 +10,8 @@ import pytest
 from omegaconf import read_write
 
 from shakegpt.configs import MAX_NAME_BYTES, path_safe
-from shakegpt.rundir import claim, quoted
+from shakegpt.console import quoted, summary
+from shakegpt.rundir import claim
 
 from .conftest import ROOT, TINY
 
@@ -36,6 +37,46 @@ def test_job_names_fit_any_file_system_and_stay_distinct():
 def test_quoted_values_survive_the_override_grammar():
     assert quoted("outputs/multiruns/2026-11-30_19-42-07") == "'outputs/multiruns/2026-11-30_19-42-07'"
     assert quoted("it's") == "'it\\'s'"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "outputs/runs/2026-11-30_19-42-07_v3",
+        "outputs/multiruns/2026-11-30_19-42-07/1_model=v3,optim.lr=0.001",  # a sweep job's directory
+        "my runs/it's $HOME",
+    ],
+)
+def test_the_commands_a_run_ends_with_reach_hydra_as_the_path(path):
+    """The `sample` and `resume` lines of the closing summary, pasted into a shell, give Hydra the
+    run directory itself (a sweep job's `=` and `,` would otherwise read as a sweep)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    line = next(x for x in summary(Path(path), None, None, 1).splitlines() if x.startswith("sample"))
+    args = shlex.split(line.split(maxsplit=1)[1])
+    assert args[:2] == ["python", "-m"] and len(args) == 4
+    (parsed,) = OverridesParser.create().parse_overrides([args[3]])
+    assert parsed.key_or_group == "ckpt_path" and parsed.value() == path and not parsed.is_sweep_override()
+    if "," not in path and " " not in path:
+        assert args[3] == f"ckpt_path={path}"  # plain when nothing needs quoting
+
+
+def test_a_sweep_names_its_swept_keys_to_its_jobs():
+    from omegaconf import OmegaConf
+
+    from shakegpt.rundir import swept_keys
+
+    cfg = OmegaConf.create(
+        {
+            "hydra": {
+                "overrides": {"task": ["model=v1,v3", "trainer.max_steps=20", "optim.lr=choice(1e-3,3e-3)"]},
+                "sweeper": {"params": {"model.dropout": "interval(0.0, 0.3)", "seed": "7"}},
+            }
+        }
+    )
+    assert swept_keys(cfg) == ["model", "optim.lr", "model.dropout"]
 
 
 def _default_run(cwd: Path, *args: str) -> subprocess.Popen:

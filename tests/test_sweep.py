@@ -25,7 +25,7 @@ SHRUNK = [  # experiment=smoke: 20 steps, validation at 10 and 20 on 2 batches
 ]
 
 
-def multirun(cwd, *args):
+def multirun(cwd, *args, returncode=0):
     """`python train.py -m …` run from `cwd`, so anything written outside the sweep dir shows there."""
     r = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "-m", *SHRUNK, *args],
@@ -34,7 +34,7 @@ def multirun(cwd, *args):
         text=True,
         timeout=900,
     )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.returncode == returncode, r.stdout[-2000:] + r.stderr[-4000:]
     return r
 
 
@@ -63,6 +63,21 @@ def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
         encodings.add(params["model.pos_encoding"])
         assert "val/loss_best" in metric_tags and scalars(ea, "val/loss_best")
     assert encodings == {"learned", "rope", "none"}
+
+
+def test_a_failing_grid_job_fails_alone_and_the_sweep_still_ends_with_its_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = multirun(tmp_path, f"data.path={TINY},{tmp_path / 'missing.txt'}", f"hydra.sweep.dir={sweep}", returncode=1)
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    message = f"data.path={tmp_path / 'missing.txt'} does not exist or is not a file"
+    assert f"error: job 1 (data.path={tmp_path / 'missing.txt'}): {message}" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: 1 job(s) of the sweep failed (job 1): each job's train.log in {sweep} has its error and traceback"
+    )
+    table = (sweep / "summary.md").read_text().strip().splitlines()
+    assert table[2].startswith("| 0 | ") and "**" in table[2]  # the job that trained, then the one that failed
+    assert table[3].startswith(f"| 1 | {tmp_path / 'missing.txt'} | failed | {message[:60]}")  # cut to 120
+    assert "\n".join(table) in r.stdout
 
 
 def test_ddp_inside_a_sweep_runs_each_job_once_as_two_ranks(tmp_path):
@@ -161,51 +176,75 @@ def test_two_nodes_over_loopback_form_one_group(tmp_path):
     assert not (tmp_path / "node1" / "tensorboard").exists()  # only global rank 0 writes
 
 
-def test_live_tensorboard_lists_the_sweep(tmp_path):
+SCALAR_TAGS = {  # what every run writes, as docs/watching.md lists it
+    *("train/loss", "train/acc", "train/bpc", "train/lr", "train/loss_avg", "train/acc_avg"),
+    *("val/loss", "val/acc", "val/bpc", "val/loss_best", "throughput/tokens_per_s", "throughput/step_ms"),
+}
+
+
+def test_live_tensorboard_shows_which_job_is_which_and_how_it_did(tmp_path):
+    """What TensorBoard itself serves to the browser for a sweep: the swept key first and marked as
+    differing, booleans as booleans, each job named by number and swept value, the best and last val
+    loss as the metric columns, the designed scalar tags (no epoch) and the Custom Scalars layout."""
     sweep = tmp_path / "sweep"
-    multirun(tmp_path, "model/pos_encoding=learned,alibi", f"hydra.sweep.dir={sweep}")
+    multirun(tmp_path, "model/pos_encoding=learned,alibi", "optim.lr=0.002", f"hydra.sweep.dir={sweep}")
     port = free_port()
     tb = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+    def ask(path, body=None):
+        data = None if body is None else json.dumps({"experimentName": "", **body}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/data/{path}", data=data)
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return json.loads(r.read())
+
+    statuses = {"allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN", "STATUS_FAILURE", "STATUS_RUNNING"]}
     try:
-        body = json.dumps(
-            {
-                "experimentName": "",
-                "allowedStatuses": ["STATUS_SUCCESS", "STATUS_UNKNOWN"],
-                "colParams": [],
-                "startIndex": 0,
-                "sliceSize": 10,
-            }
-        ).encode()
         groups = None
         for _ in range(60):  # up to 30 s for the server to start and read the event files
             try:
-                req = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups",
-                    data=body,
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    groups = json.loads(r.read())["sessionGroups"]
+                page = {**statuses, "colParams": [], "startIndex": 0, "sliceSize": 10}
+                groups = ask("plugin/hparams/session_groups", page)["sessionGroups"]
                 if len(groups) == 2:
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         assert groups is not None and len(groups) == 2
-        assert {g["hparams"]["model.pos_encoding"] for g in groups} == {"learned", "alibi"}
+        assert sorted(g["name"] for g in groups) == ["0: learned", "1: alibi"]  # the Trial ID column
         for g in groups:  # the tab's metric values are each job's own best and last val loss
+            assert g["sessions"][0]["status"] == "STATUS_SUCCESS"
+            assert g["hparams"]["model.bias"] is False and g["hparams"]["optim.lr"] == 0.002
             metrics = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
             job = next(sweep.glob(f"*model-pos_encoding={g['hparams']['model.pos_encoding']}*"))
             logged = [v for _, v in scalars(load_run(job / "tensorboard"), "val/loss")]
             assert metrics["val/loss_best"] == pytest.approx(min(logged), rel=1e-6)
             assert metrics["val/loss"] == pytest.approx(logged[-1], rel=1e-6)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5) as r:
-            runs = json.loads(r.read())
-        assert len(runs) == 2 and all("tensorboard" in run for run in runs)
+        experiment = ask("plugin/hparams/experiment", {})
+        infos = experiment["hparamInfos"]
+        # the tab shows the first five columns: the swept key and the presets come first, marked
+        assert [(h["name"], h.get("differs", False)) for h in infos[:4]] == [
+            ("model.pos_encoding", True),
+            ("preset.experiment", True),  # experiment=smoke
+            ("preset.model", True),
+            ("data.batch_size", False),
+        ]
+        assert {h["name"]: h["type"] for h in infos}["model.bias"] == "DATA_TYPE_BOOL"
+        assert [(m["name"]["tag"], m["displayName"]) for m in experiment["metricInfos"]] == [
+            ("val/loss_best", "best val loss"),
+            ("val/loss", "last val loss"),
+        ]
+        tags = ask("plugin/scalars/tags")
+        assert len(tags) == 2 and all("tensorboard" in run for run in tags)
+        assert all(set(t) == SCALAR_TAGS for t in tags.values()), tags
+        layout = ask("plugin/custom_scalars/layout")
+        charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
+        assert charts["loss: train (mean since the last validation) and val"] == ["train/loss_avg", "val/loss"]
+        assert {"learning rate", "tokens per second", "milliseconds per step"} <= set(charts)
     finally:
         tb.terminate()
         tb.wait(timeout=30)

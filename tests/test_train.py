@@ -11,10 +11,11 @@ import torch
 from shakegpt.callbacks import original_log_line
 from shakegpt.data import CharDataModule
 from shakegpt.hardware import cpu_has_fast_bf16
+from shakegpt.hparams import differing, hparams_of
 from shakegpt.module import LitGPT, lr_factor
 from shakegpt.train import train
 
-from .conftest import ROOT, TINY, start_training, wait_for_log
+from .conftest import ROOT, TINY, compose_cfg, start_training, wait_for_log
 from .tb import hparams, load_run, scalars, texts
 
 
@@ -50,11 +51,13 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
     ):
         assert tag in tags, tag
     assert "epoch" not in tags and not any(t.startswith("lr-") for t in tags)  # no flat epoch, the lr once
-    assert [s for s, _ in scalars(ea, "val/loss")] == [2, 5]  # two validations (Lightning logs step - 1)
+    assert [s for s, _ in scalars(ea, "val/loss")] == [3, 6]  # the steps validated after, as the log line says
+    assert scalars(ea, "train/loss")[0][0] == 1  # the first optimizer step is step 1
     assert scalars(ea, "val/loss_best")[-1][1] == pytest.approx(metrics["val/loss_best"])
     params, metric_tags = hparams(ea)
     assert "val/loss_best" in metric_tags and "hp_metric" not in tags
     assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
+    assert params["model.bias"] is False and params["model.pos_encoding"] == "learned"  # as themselves
     assert params["params_exact"] == 414_848 and params["params_original_formula"] > 0
     samples = texts(ea, "sample/text_summary")
     assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
@@ -216,3 +219,21 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_to_resume_from(tmp_path, sig):
         proc.kill()
     ckpt = torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=True)
     assert ckpt["global_step"] >= 5 and "optimizer_states" in ckpt and ckpt["hyper_parameters"]["vocab"]
+
+
+def test_the_keys_that_set_a_run_apart_come_first_in_its_hparams(tmp_path):
+    """Overrides name keys as Hydra writes them; each becomes a column of the HParams tab, found or
+    added with its value, after the preset names; Hydra's own keys are left out."""
+    cfg = compose_cfg(tmp_path, "trainer.val_check_interval=7")
+    choices = {"model": "quickstart", "data": "default"}
+    params = hparams_of(cfg, choices)
+    keys = ["optim.lr", "model/pos_encoding", "trainer.val_check_interval", "data", "+hydra.run.dir", "model"]
+    assert differing(params, cfg, choices, keys) == [
+        "preset.model",
+        "optim.lr",
+        "model.pos_encoding",
+        "trainer.val_check_interval",
+        "preset.data",
+    ]
+    assert params["trainer.val_check_interval"] == 7 and params["preset.data"] == "default"
+    assert not any(k.startswith("hydra") for k in params)
