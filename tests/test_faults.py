@@ -20,7 +20,7 @@ from shakegpt.results import read_scalars
 from shakegpt.train import train
 
 from .conftest import ROOT, compose_cfg, start_training, train_command
-from .tb import hparams, load_run
+from .tb import hparams, hparams_view, load_run
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):
@@ -353,4 +353,5 @@ def test_a_crash_mid_run_saves_its_state_and_names_it(tmp_path, monkeypatch):
         f"resume with ckpt_path={tmp_path}"
     )
     assert resolve_resume(tmp_path) == interrupted  # later than last.ckpt (step 2)
+    assert hparams_view(load_run(tmp_path / "tensorboard"))[2] == "STATUS_FAILURE"  # the HParams tab says so
     assert torch.load(interrupted, weights_only=True)["optimizer_states"]

@@ -16,7 +16,7 @@ from shakegpt.module import LitGPT, lr_factor
 from shakegpt.train import train
 
 from .conftest import ROOT, TINY, compose_cfg, start_training, wait_for_log
-from .tb import hparams, load_run, scalars, texts
+from .tb import hparams, hparams_view, load_run, scalars, texts
 
 
 @pytest.fixture
@@ -149,6 +149,13 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
         f"watch    tensorboard --logdir {out}",
         f"sample   python -m shakegpt.sample ckpt_path={out}",
         f"resume   this run's command + ckpt_path={out} trainer.max_steps=<more>",
+    ]
+    # TensorBoard's HParams tab: the run by its directory's name, its command-line keys first
+    differs, name, status = hparams_view(load_run(out / "tensorboard"))
+    assert (name, status) == ("cli", "STATUS_SUCCESS")
+    assert differs == ["preset.model", "data.path", "data.seq_len", "data.batch_size", "trainer.max_steps"] + [
+        "trainer.val_check_interval",
+        "sample.num_chars",
     ]
     for noise in ("GPU available", "TPU available", "Tip", "LeafSpec", "Trainer.fit` stopped", "Seed set"):
         assert noise not in r.stdout + r.stderr, noise
