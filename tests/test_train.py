@@ -153,7 +153,8 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
     # TensorBoard's HParams tab: the run by its directory's name, its command-line keys first
     differs, name, status = hparams_view(load_run(out / "tensorboard"))
     assert (name, status) == ("cli", "STATUS_SUCCESS")
-    assert differs == ["preset.model", "data.path", "data.seq_len", "data.batch_size", "trainer.max_steps"] + [
+    assert differs == [
+        *("preset.model", "data.path", "data.seq_len", "data.batch_size", "trainer.max_steps"),
         "trainer.val_check_interval",
         "sample.num_chars",
     ]
