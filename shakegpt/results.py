@@ -2,7 +2,8 @@
 
     python -m shakegpt.results keep outputs/runs/<run> --name v3-original --command "python train.py model=v3"
     python -m shakegpt.results table                      # markdown table of outputs/reference/
-    python -m shakegpt.results plot --out docs/results.png
+    python -m shakegpt.results plot --out docs/results.png      # the kept runs
+    python -m shakegpt.results plot outputs/multiruns/<sweep>   # a sweep's jobs (or run directories)
 
 `keep` copies what a reader needs to check a run without its checkpoints: the TensorBoard event
 files, the resolved config, the log, the last text sample, and a `metrics.json` summary (best and
@@ -208,8 +209,48 @@ def sweep_table(sweep_dir: str | Path) -> str:
     return "\n".join(rows)
 
 
-def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=None):
-    """Val loss against training time for every kept run, with the original runs and nanoGPT as lines."""
+# the reference lines: each its own colour and dash, so that 1.7002 and 1.6900 stay apart
+REFERENCE_STYLES = {"v1": ("tab:red", ":"), "v2": ("tab:orange", "-."), "v3": ("tab:purple", "--")}
+
+
+def runs_to_plot(paths: list[str | Path]) -> list[tuple[str, Path]]:
+    """(label, run directory) for each run under `paths`: a folder of kept runs (outputs/reference),
+    a sweep directory (its jobs, labelled by job number and the overrides that differ between them),
+    or run directories (labelled by their names)."""
+    found: list[tuple[str, Path, dict]] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ConfigError(
+                f"{path} is not a directory; give run directories, a sweep directory or outputs/reference"
+            )
+        if any(path.glob("events.out.tfevents.*")) or (path / "tensorboard").is_dir():
+            found.append((path.name, path, {}))
+            continue
+        children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "tensorboard").is_dir())
+        if not children:
+            raise ConfigError(f"{path} holds no runs (no tensorboard/ folder in it or in its sub-directories)")
+        for child in children:
+            overrides_file = child / ".hydra" / "overrides.yaml"
+            overrides = (
+                dict(str(o).split("=", 1) for o in OmegaConf.load(overrides_file) if "=" in str(o))
+                if overrides_file.is_file() and not (child / "metrics.json").is_file()
+                else {}
+            )
+            found.append((child.name, child, overrides))
+    keys = sorted({k for _, _, o in found for k in o})
+    differ = [k for k in keys if len({o.get(k) for _, _, o in found}) > 1]
+    labels = []
+    for name, run, overrides in found:
+        if overrides:  # a sweep job: its number and what differs
+            name = " ".join([name.split("_", 1)[0] + ":", *(f"{k}={overrides[k]}" for k in differ if k in overrides)])
+        labels.append((name, run))
+    return labels
+
+
+def plot(runs: str | Path | list = REFERENCE_DIR, out: str | Path | None = None, references: bool = True):
+    """Val loss against training time, one line per run, in two panels: every validation, and a
+    zoom on the best val losses. `references` draws the original runs and nanoGPT as lines, each
+    in the legend. `runs`: as `runs_to_plot` takes them. Returns the figure."""
     import matplotlib
     import matplotlib.ticker
 
@@ -217,35 +258,64 @@ def plot(root: str | Path = REFERENCE_DIR, out: str | Path | None = None, ax=Non
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 4.8))
-    for run in sorted(p.parent for p in Path(root).glob("*/metrics.json")):
+    curves = []
+    for label, run in runs_to_plot(runs if isinstance(runs, list) else [runs]):
         val = read_scalars(run).get("val/loss", [])
         if val:
-            ax.plot([e[2] / 60 for e in val], [e[1] for e in val], marker=".", label=run.name)
-    for (name, loss), style in zip(ORIGINAL.items(), (":", "-.", "--"), strict=True):
-        ax.axhline(
-            loss,
-            color="grey",
-            linestyle=style,
-            linewidth=1,
-            label=f"original {name}: {loss:.4f} after {ORIGINAL_WALL[name]}",
-        )
-    ax.axhline(NANOGPT, color="black", linestyle="--", linewidth=1, label=f"nanoGPT: {NANOGPT} (A100)")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("training time on this 2-core CPU (minutes, log scale)")
-    ax.set_ylabel("validation loss (nats/char)")
-    ax.set_ylim(1.3, 4.0)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            curves.append((label, [e[2] for e in val], [e[1] for e in val]))
+    if not curves:
+        raise ConfigError(f"no run in {runs} has validated yet: nothing to plot")
+    # minutes, or seconds for short runs; log scale from the first validation on
+    per, unit = (60, "minutes") if max(x[-1] for _, x, _ in curves) >= 120 else (1, "seconds")
+    curves = [(label, [max(t, 1e-3) / per for t in x], y) for label, x, y in curves]
+    lines = [(f"original {k}: {v:.4f} after {ORIGINAL_WALL[k]}", v, *REFERENCE_STYLES[k]) for k, v in ORIGINAL.items()]
+    lines.append((f"nanoGPT: {NANOGPT} (A100)", NANOGPT, "black", "-"))
+    if not references:
+        lines = []
+
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1]})
+    bests = [min(y) for _, _, y in curves]
+    for ax in (full, zoom):
+        for label, x, y in curves:
+            ax.plot(x, y, marker=".", markersize=4, linewidth=1.2, label=label)
+        for label, value, colour, dash in lines:
+            ax.axhline(value, color=colour, linestyle=dash, linewidth=1.2, label=label)
+        ax.grid(True, which="both", alpha=0.3)
+    full.set_xscale("log")  # the first minutes and the last hours on one axis
+    full.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    full.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    full.set_xlabel(f"training time ({unit}, log scale)")
+    zoom.set_xlabel(f"training time ({unit})")
+    values = [v for _, _, y in curves for v in y] + [v for _, v, _, _ in lines]
+    full.set_ylim(min(values) - 0.05, min(max(values), 4.5) + 0.05)
+    full.set_ylabel("validation loss (nats/char)")
+    full.set_title("every validation")
+    # the zoom: where runs that reach the reference lines bunch together (from just under the best
+    # run to a little over the highest line); where none reaches them, the runs' own best figures
+    refs = [v for _, v, _, _ in lines]
+    if refs and min(bests) <= max(refs):
+        top, bottom = max(refs), min(bests + refs)
+    else:
+        top, bottom = max(bests), min(bests)
+    margin = max(0.01, 0.08 * (top - bottom))
+    zoom.set_ylim(bottom - margin, top + margin)
+    late = [x[i] for _, x, y in curves for i in range(len(y)) if y[i] <= top + margin]
+    if late:
+        left, right = min(late), max(x[-1] for _, x, _ in curves)
+        pad = 0.04 * (right - left) or 0.1 * right
+        zoom.set_xlim(left - pad, right + pad)
+    zoom.set_title("zoom on the best val losses")
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
     if out is not None:
         try:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            ax.figure.savefig(out, dpi=110, bbox_inches="tight")
+            fig.savefig(out, dpi=110, bbox_inches="tight")
         except OSError as e:
             raise ConfigError(f"--out {out} could not be written: {e.strerror or e}") from None
-    return ax
+        plt.close(fig)
+    return fig
 
 
 @exit_on_user_error
@@ -261,9 +331,14 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--force", action="store_true", help="replace a kept run of the same name")
     t = sub.add_parser("table", help="markdown table of the kept runs")
     t.add_argument("--root", default=str(REFERENCE_DIR))
-    g = sub.add_parser("plot", help="val loss against time for the kept runs, as an image")
-    g.add_argument("--root", default=str(REFERENCE_DIR))
-    g.add_argument("--out", default="docs/results.png")
+    g = sub.add_parser(
+        "plot",
+        help="val loss against time, as an image: the kept runs, a sweep's jobs or any run directories",
+    )
+    g.add_argument("runs", nargs="*", help="a sweep directory or run directories (default: the kept runs)")
+    g.add_argument("--root", default=str(REFERENCE_DIR), help="the kept runs' folder, when no runs are given")
+    g.add_argument("--out", default="results.png", help="the image to write (default: results.png)")
+    g.add_argument("--no-references", action="store_true", help="leave out the original runs' and nanoGPT's lines")
     args = p.parse_args(argv)
     if args.cmd == "keep":
         dest = keep(args.run_dir, args.name, args.command, args.root, args.note, overwrite=args.force)
@@ -272,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "table":
         print(table(args.root))
     else:
-        plot(args.root, args.out)
+        plot([Path(r) for r in args.runs] or Path(args.root), args.out, references=not args.no_references)
         print(f"written: {args.out}")
 
 

@@ -17,7 +17,8 @@ def run_notebook(name: str) -> str:
     texts = []
     for cell in nb.cells:
         for out in cell.get("outputs", []):
-            texts.append(out.get("text", "") or out.get("data", {}).get("text/plain", ""))
+            data = out.get("data", {})
+            texts.append(out.get("text", "") or data.get("text/markdown", "") or data.get("text/plain", ""))
     return "\n".join(texts)
 
 
@@ -43,4 +44,4 @@ def test_model_notebook():
 
 def test_results_notebook():
     out = run_notebook("03_results.ipynb")
-    assert "reference runs in" in out and "| run | params |" in out
+    assert "reference runs in" in out and "| run | params |" in out  # the table as markdown: rendered

@@ -201,3 +201,50 @@ def test_a_sweep_table_lists_jobs_best_first_with_what_differs(tmp_path):
         "| 0 | 0.001 | **2.5000** | 20 |",
         "| 2 | -1 | failed | — |",
     ]
+
+
+def _fake_sweep(root: Path) -> Path:
+    """A sweep directory of three jobs, their val losses written as training writes them."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    sweep = root / "sweep"
+    for num, lr, losses in (("0", "0.001", [3.0, 1.75]), ("1", "0.003", [2.8, 1.50, 1.48]), ("2", "0.01", [3.3])):
+        job = sweep / f"{num}_optim.lr={lr}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- model=v3\n")
+        with SummaryWriter(job / "tensorboard") as w:
+            for i, v in enumerate(losses):
+                w.add_scalar("val/loss", v, 10 * (i + 1))
+    return sweep
+
+
+def test_any_set_of_runs_plots_with_every_line_in_the_legend_and_a_zoom(tmp_path):
+    from shakegpt.results import main, runs_to_plot
+
+    sweep = _fake_sweep(tmp_path)
+    assert [label for label, _ in runs_to_plot([sweep])] == [
+        "0: optim.lr=0.001",
+        "1: optim.lr=0.003",
+        "2: optim.lr=0.01",
+    ]
+    jobs = sorted(p for p in sweep.iterdir())
+    assert [label for label, _ in runs_to_plot(jobs[:2])] == [p.name for p in jobs[:2]]  # run directories: their names
+    fig = plot(sweep)
+    full, zoom = fig.axes
+    labels = full.get_legend_handles_labels()[1]
+    assert labels[:3] == ["0: optim.lr=0.001", "1: optim.lr=0.003", "2: optim.lr=0.01"]
+    assert [x.split(":")[0] for x in labels[3:]] == ["original v1", "original v2", "original v3", "nanoGPT"]
+    lo, hi = full.get_ylim()
+    assert lo < 1.4697 and hi > 3.3  # every validation and every line in range
+    lo, hi = zoom.get_ylim()
+    assert lo < 1.4697 and 1.7531 < hi < 1.9  # the zoom: the runs that reach the lines, the lines apart
+    assert (1.7002 - 1.6900) / (hi - lo) > 0.02
+    assert len(plot(sweep, references=False).axes[0].get_legend_handles_labels()[1]) == 3  # --no-references
+    png = tmp_path / "sweep.png"
+    main(["plot", str(sweep), "--out", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'none'} is not a directory"):
+        runs_to_plot([tmp_path / "none"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no runs"):
+        runs_to_plot([tmp_path / "empty"])
