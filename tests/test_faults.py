@@ -135,9 +135,9 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
         timeout=600,
     )
     a, b = read_scalars(whole / "tensorboard"), read_scalars(resumed / "tensorboard")
-    after = {tag: [(s, v) for s, v, _ in a[tag] if s >= resumed_from] for tag in ("train/loss", "val/loss")}
+    after = {tag: [(s, v) for s, v, _ in a[tag] if s > resumed_from] for tag in ("train/loss", "val/loss")}
     again = {tag: [(s, v) for s, v, _ in b[tag]] for tag in ("train/loss", "val/loss")}
-    assert again["train/loss"][0][0] == resumed_from  # the resumed run starts at the checkpoint's step
+    assert again["train/loss"][0][0] == resumed_from + 1  # the resumed run's first step follows the checkpoint's
     for tag in after:
         assert len(after[tag]) >= 2
         assert [s for s, _ in after[tag]] == [s for s, _ in again[tag]], tag
