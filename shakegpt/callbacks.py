@@ -190,8 +190,8 @@ class ScalarsLayout(L.Callback):
         },
         "schedule and speed": {
             "learning rate": ["Multiline", ["train/lr"]],
-            "tokens per second": ["Multiline", ["throughput/tokens_per_s"]],
-            "milliseconds per step": ["Multiline", ["throughput/step_ms"]],
+            "tokens per second": ["Multiline", ["wallclock/tokens_per_s"]],
+            "milliseconds per step": ["Multiline", ["wallclock/step_ms"]],
         },
     }
 

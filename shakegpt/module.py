@@ -113,8 +113,8 @@ class LitGPT(L.LightningModule):
             x, _ = batch
             tokens = x.numel() * self.trainer.accumulate_grad_batches * self.trainer.world_size * (step - self._tick[1])
             seconds = now - self._tick[0]
-            self.log("throughput/tokens_per_s", tokens / seconds, rank_zero_only=True)
-            self.log("throughput/step_ms", 1000 * seconds / (step - self._tick[1]), rank_zero_only=True)
+            self.log("wallclock/tokens_per_s", tokens / seconds, rank_zero_only=True)
+            self.log("wallclock/step_ms", 1000 * seconds / (step - self._tick[1]), rank_zero_only=True)
             self._tick = (now, step)
         elif self._tick is None:
             self._tick = (now, step)

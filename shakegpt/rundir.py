@@ -6,7 +6,7 @@ Names (conf/hydra/default.yaml):
   a second run started in the same second gets `..._v3-2`, a third `..._v3-3`. The name is claimed
   with an atomic `mkdir`, so two runs started together never share a directory.
 - a sweep: `outputs/multiruns/<date>_<time>` (claimed the same way), one sub-directory per job,
-  `<job number>_<its overrides>`, with a group's `/` written `-`; overrides longer than
+  `<job number>_<the overrides the sweep varies>`, with a group's `/` written `-`; overrides longer than
   `shakegpt.configs.MAX_NAME_BYTES` are cut and end in a hash of the whole (`path_safe`), so every
   name fits any file system (255 bytes a name) and stays distinct.
 A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…`) is used as given.
@@ -88,10 +88,18 @@ class PrepareRun(Callback):
 
     @staticmethod
     def _tell_jobs_what_is_swept(config: DictConfig) -> None:
-        """A job sees only its own overrides; the keys the sweep varies travel to it in its config."""
-        keys = ",".join(swept_keys(config))
+        """A job sees only its own overrides; the keys the sweep varies travel to it in its config.
+        Its directory is named by those alone (`3_model=v3,optim.lr=0.001`): what every job shares
+        would make every name long and the same."""
+        swept = swept_keys(config)
+        exclude = list(config.hydra.job.config.override_dirname.exclude_keys)
+        if swept:
+            shared = [str(o).split("=", 1)[0].lstrip("+~") for o in config.hydra.overrides.task if "=" in str(o)]
+            exclude += [k for k in shared if k not in swept and k not in exclude]
+        listed = ",".join(quoted(k) for k in exclude)
         with read_write(config.hydra), open_dict(config.hydra):
-            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{SWEPT}={quoted(keys)}")
+            config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{SWEPT}={quoted(','.join(swept))}")
+            config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{listed}]")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep's jobs, best first, on the terminal and in <sweep dir>/summary.md."""

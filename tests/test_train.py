@@ -47,7 +47,7 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
         "train/loss_avg",
         "train/acc_avg",
         "train/lr",
-        "throughput/tokens_per_s",
+        "wallclock/tokens_per_s",
     ):
         assert tag in tags, tag
     assert "epoch" not in tags and not any(t.startswith("lr-") for t in tags)  # no flat epoch, the lr once
