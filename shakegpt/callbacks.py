@@ -183,15 +183,16 @@ class ScalarsLayout(L.Callback):
     since the previous validation) and val loss on one chart, then accuracy, the learning rate and
     the speed."""
 
+    # TensorBoard reads each tag as a regular expression: anchored, `val/loss` is not also `val/loss_best`
     LAYOUT: ClassVar[dict] = {
         "is it learning": {
-            "loss: train (mean since the last validation) and val": ["Multiline", ["train/loss_avg", "val/loss"]],
-            "accuracy: train (mean since the last validation) and val": ["Multiline", ["train/acc_avg", "val/acc"]],
+            "loss: train (mean since the last validation) and val": ["Multiline", ["^train/loss_avg$", "^val/loss$"]],
+            "accuracy: train (mean since the last validation) and val": ["Multiline", ["^train/acc_avg$", "^val/acc$"]],
         },
         "schedule and speed": {
-            "learning rate": ["Multiline", ["train/lr"]],
-            "tokens per second": ["Multiline", ["wallclock/tokens_per_s"]],
-            "milliseconds per step": ["Multiline", ["wallclock/step_ms"]],
+            "learning rate": ["Multiline", ["^train/lr$"]],
+            "tokens per second": ["Multiline", ["^wallclock/tokens_per_s$"]],
+            "milliseconds per step": ["Multiline", ["^wallclock/step_ms$"]],
         },
     }
 
