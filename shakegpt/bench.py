@@ -6,11 +6,13 @@ For each preset it times three ways of running the same model shape on the same 
           residuals with `nn.Dropout`, default (per-tensor) AdamW, gradient clipping;
 * fast    shakegpt's own path through the real Lightning `Trainer`, as `train.py` runs it
           (precision=auto, fused AdamW, byte-mask dropout, flash attention, logging to TensorBoard);
-* bare    the fast model and optimizer in a plain PyTorch loop, to show what Lightning costs.
+* bare    the fast model and optimizer in a plain PyTorch loop, to show what Lightning costs;
+* muon    the bare loop with `optim=muon` (Muon for the blocks' matrices, AdamW for the rest), to
+          show what Muon's orthogonalization costs a step against AdamW.
 
-The three are interleaved inside one Lightning run (a bare step after every Lightning step, a naive
-step after every `--per-naive` of them), so a noisy machine affects them alike; ratios come from
-the medians of one run. MFU divides model FLOPs
+They are interleaved inside one Lightning run (a bare and a muon step, in turn first, after every
+Lightning step, a naive step after every `--per-naive` of them), so a noisy machine affects them
+alike; ratios come from the medians of one run. MFU divides model FLOPs
 (6·N + 12·L·d_model·T per token, N = non-embedding parameters) by the measured bf16 matmul peak.
 """
 
@@ -38,7 +40,8 @@ from shakegpt.data import CharDataModule
 from shakegpt.generate import stream
 from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
 from shakegpt.model import GPT, GPTConfig
-from shakegpt.module import LitGPT, adamw, lr_factor
+from shakegpt.module import LitGPT, lr_factor
+from shakegpt.optim import build_optimizer
 from shakegpt.val_pass import full_val_pass
 
 PRESETS = ("v1", "v2", "v3", "nanogpt")
@@ -102,23 +105,25 @@ class Loop:
 
 class Interleave(L.Callback):
     """Times each Lightning step end to end (data, forward, backward, optimizer, logging) and, between
-    Lightning steps, runs one step of the bare loop and, every `per_naive`-th time, one of the naive
-    loop (before or after the bare step in turn, so neither always runs on the naive step's heels)."""
+    Lightning steps, runs one step of each loop in `every` (bare, muon) and, every `per_naive`-th
+    time, one of the naive loop (before or after them in turn, so none always runs on another's heels)."""
 
-    def __init__(self, naive: Loop, bare: Loop, per_naive: int, bare_steps: int):
-        self.naive, self.bare, self.per_naive, self.bare_steps = naive, bare, per_naive, bare_steps
+    def __init__(self, naive: Loop, every: list[Loop], per_naive: int, bare_steps: int):
+        self.naive, self.every, self.per_naive, self.bare_steps = naive, every, per_naive, bare_steps
         self.times, self.last, self.n = [], None, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self.last is not None:
             self.times.append(now - self.last)
+        k = self.n % len(self.every)  # the every-step loops take turns at going first
+        every = self.every[k:] + self.every[:k]
         if self.n >= self.bare_steps:  # the last Lightning step has been timed: nothing more to run
             loops = []
         elif self.n % self.per_naive == 0:
-            loops = [self.naive, self.bare] if (self.n // self.per_naive) % 2 else [self.bare, self.naive]
+            loops = [self.naive, *every] if (self.n // self.per_naive) % 2 else [*every, self.naive]
         else:
-            loops = [self.bare]
+            loops = every
         for loop in loops:
             loop.step()
         self.n += 1
@@ -146,7 +151,7 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
     )
     # (c) bare: shakegpt's model and optimizer, no Lightning
     bare_model = GPT(mcfg)
-    opt = adamw(bare_model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    opt = build_optimizer(bare_model, "adamw", cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     o = cfg.optim
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, o.warmup_steps, cfg.trainer.max_steps, o.min_lr_ratio, o.schedule)
@@ -159,9 +164,18 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         clip=cfg.trainer.gradient_clip_val,
         sched=sched,
     )
+    # (d) muon: the same, with Muon for the blocks' matrices
+    muon_model = GPT(mcfg)
+    muon = Loop(
+        muon_model,
+        build_optimizer(muon_model, "muon", cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas),
+        RandomWindows(dm.train_ids, B, T, seed),
+        autocast=precision == "bf16-mixed",
+        clip=cfg.trainer.gradient_clip_val,
+    )
     # (b) fast: the real Trainer, interleaving the other two between its steps
     module = LitGPT(model=mcfg.to_dict(), vocab=dm.tokenizer.chars, **OmegaConf.to_container(cfg.optim, resolve=True))
-    timer = Interleave(naive, bare, per_naive, (warmup + steps) * per_naive)
+    timer = Interleave(naive, [bare, muon], per_naive, (warmup + steps) * per_naive)
     with tempfile.TemporaryDirectory() as tmp:
         logger = L.pytorch.loggers.TensorBoardLogger(tmp, name="bench", default_hp_metric=False)
         trainer = L.Trainer(
@@ -188,6 +202,7 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         "naive": statistics.median(naive.times[warmup:]),
         "fast": statistics.median(timer.times[warmup * per_naive :]),
         "bare": statistics.median(bare.times[warmup * per_naive :]),
+        "muon": statistics.median(muon.times[warmup * per_naive :]),
     }
     return {
         "preset": name,
@@ -197,10 +212,11 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         "params_non_embedding": GPT(mcfg).num_params(non_embedding=True),
         "flops_per_step": flops,
         "step_s": steps_s,
-        "raw_step_s": {"naive": naive.times, "fast": timer.times, "bare": bare.times},
+        "raw_step_s": {"naive": naive.times, "fast": timer.times, "bare": bare.times, "muon": muon.times},
         "tokens_per_s": {k: B * T / v for k, v in steps_s.items()},
         "speedup_fast_vs_naive": steps_s["naive"] / steps_s["fast"],
         "lightning_overhead": steps_s["fast"] / steps_s["bare"] - 1,
+        "muon_vs_adamw": steps_s["muon"] / steps_s["bare"],
         "val_pass_s": val_seconds,
         "val_windows": (len(dm.val_ids) - 1) // T,
     }
@@ -235,14 +251,14 @@ def bench_generation(preset: str, num_chars: int) -> dict:
 def table(results: list[dict], peak_bf16: float) -> str:
     head = (
         f"{'preset':<8} {'naive s/step':>12} {'fast s/step':>11} {'bare s/step':>11} {'fast/naive':>10} "
-        f"{'Lightning':>9} {'fast tok/s':>10} {'MFU fast':>8} {'MFU naive':>9} {'val pass':>8}"
+        f"{'Lightning':>9} {'Muon/AdamW':>10} {'fast tok/s':>10} {'MFU fast':>8} {'MFU naive':>9} {'val pass':>8}"
     )
     rows = [head, "-" * len(head)]
     for r in results:
         s = r["step_s"]
         rows.append(
             f"{r['preset']:<8} {s['naive']:>12.3f} {s['fast']:>11.3f} {s['bare']:>11.3f} "
-            f"{r['speedup_fast_vs_naive']:>9.1f}x {100 * r['lightning_overhead']:>+8.1f}% "
+            f"{r['speedup_fast_vs_naive']:>9.1f}x {100 * r['lightning_overhead']:>+8.1f}% {r['muon_vs_adamw']:>9.2f}x "
             f"{r['tokens_per_s']['fast']:>10,.0f} {100 * r['flops_per_step'] / s['fast'] / peak_bf16:>7.1f}% "
             f"{100 * r['flops_per_step'] / s['naive'] / peak_bf16:>8.1f}% {r['val_pass_s']:>7.1f}s"
         )

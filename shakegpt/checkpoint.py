@@ -71,9 +71,12 @@ def resolve_resume(path: str | Path) -> Path:
     return p
 
 
-def check_resumable(path: str | Path, model: GPTConfig, max_steps: int, vocab: str | None = None) -> Path:
-    """The checkpoint file for resuming a run of `model` on `vocab` up to `max_steps`: it holds the
-    full training state, the same architecture and vocabulary, and a step before max_steps."""
+def check_resumable(
+    path: str | Path, model: GPTConfig, max_steps: int, vocab: str | None = None, optimizer: str = "adamw"
+) -> Path:
+    """The checkpoint file for resuming a run of `model` on `vocab` up to `max_steps` with
+    `optimizer`: it holds the full training state, the same architecture, optimizer and vocabulary,
+    and a step before max_steps."""
     f = resolve_resume(path)
     ckpt = read_checkpoint(f)
     hp = ckpt["hyper_parameters"]
@@ -84,6 +87,9 @@ def check_resumable(path: str | Path, model: GPTConfig, max_steps: int, vocab: s
     differ = [
         f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in GPTConfig.ARCHITECTURE if theirs[k] != ours[k]
     ]
+    theirs_opt = hp.get("name", "adamw")  # checkpoints from before optim=muon were all AdamW's
+    if theirs_opt != optimizer:
+        differ.append(f"optim={theirs_opt} there, {optimizer} here: its optimizer state is another optimizer's")
     if differ:
         raise ConfigError(f"ckpt_path={f} is from a different model ({'; '.join(differ)}); resume with its config")
     if not ckpt.get("optimizer_states") or "global_step" not in ckpt:

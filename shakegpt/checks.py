@@ -31,6 +31,7 @@ from shakegpt.errors import ConfigError, DataError
 # torch.manual_seed and Lightning's seed_everything accept this range
 SEED_RANGE = (0, 2**32 - 1)
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "muon")  # optim=adamw|muon (shakegpt/optim.py)
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "bf16", "16")
 # what train() returns to a sweeper must be one of the metrics a run logs
 METRICS = (
@@ -112,6 +113,16 @@ def check_optim(optim: Mapping) -> None:
     schedule = optim.get("schedule")
     if schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    name = optim.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)} (optim=muon)")
+    momentum = optim.get("muon_momentum", 0.95)
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ConfigError(f"optim.muon_momentum={momentum!r} is invalid; it must be in [0, 1)")
+    if name == "muon":
+        from shakegpt.optim import require_muon  # imports torch: only for the optimizer that needs it
+
+        require_muon()
 
 
 def check_seed(seed: Any) -> None:
@@ -261,7 +272,7 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     if metric is not None and metric not in METRICS:
         raise ConfigError(f"optimized_metric={metric!r} is not a metric a run logs; choose one of {', '.join(METRICS)}")
     if cfg.get("ckpt_path") and check_ckpt:  # (train() checks it itself, with the corpus's vocabulary)
-        check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps)
+        check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps, optimizer=cfg.optim.get("name", "adamw"))
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
         check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(model))

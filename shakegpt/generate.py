@@ -4,6 +4,12 @@ Pure PyTorch like the model. The context is the prompt plus everything generated
 exceed `max_seq_len`, it restarts from its last `max_seq_len // 2` tokens (and the cache is rebuilt
 from them), so every step sees at least half a window of history and the cached and uncached paths
 compute the same thing: with the same generator they draw the same tokens.
+
+A model that is not causal (`model.norm=seq_layernorm`, the original runs' norm over the whole
+window) is run as it was trained: on the whole window for every new character, without a cache
+(every position's activations change when a character joins the window), the window sliding by one
+character once it is full. Its training saw every window's later characters; sampling cannot, so
+its samples are worse than its val loss suggests.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ def stream(
     if prompt.size(1) == 0:
         raise ConfigError("the prompt is empty; give at least one character, e.g. a newline")
     was_training = model.training
+    causal = model.cfg.causal
+    use_cache = use_cache and causal
     model.eval()
     try:
         ctx, cache = prompt, None
@@ -91,7 +99,9 @@ def stream(
             )
             yield nxt
             ctx = torch.cat((ctx, nxt), dim=1)
-            if ctx.size(1) > window:
+            if ctx.size(1) > window and not causal:  # the whole window, one character further on
+                ctx = ctx[:, -window:]
+            elif ctx.size(1) > window:
                 ctx, cache = ctx[:, -max(1, window // 2) :], None
     finally:
         model.train(was_training)

@@ -26,6 +26,9 @@ from shakegpt.errors import ConfigError
 from shakegpt.fast_cpu import ByteDropout, linear
 from shakegpt.pos_encoding import POS_ENCODINGS, PositionEncoding, build_pos_encoding
 
+NORMS = ("layernorm", "rmsnorm", "seq_layernorm")
+MLPS = ("gelu", "relu2", "swiglu")
+
 
 @dataclass
 class GPTConfig:
@@ -42,6 +45,11 @@ class GPTConfig:
     max_seq_len: int = 256
     pos_encoding: str = "learned"
     rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm | seq_layernorm (the original runs': not causal)
+    mlp: str = "gelu"  # gelu | relu2 (ReLU squared) | swiglu (a gated unit: 3 matrices of d_ff)
+    qk_norm: bool = False  # RMS-normalize each head's queries and keys before attention
+    logit_softcap: float | None = None  # squash the logits into (-cap, cap) with cap * tanh(logits / cap)
+    zero_init_proj: bool = False  # start each block's two output projections at zero (an identity block)
 
     # the fields a checkpoint's weights are laid out by: resuming must keep them (dropout may change)
     ARCHITECTURE: ClassVar[tuple[str, ...]] = (
@@ -54,6 +62,11 @@ class GPTConfig:
         "tie_weights",
         "pos_encoding",
         "max_seq_len",
+        # the same shapes, another function: a checkpoint of one cannot continue as the other
+        "norm",
+        "mlp",
+        "qk_norm",
+        "logit_softcap",
     )
 
     def __post_init__(self):
@@ -79,6 +92,17 @@ class GPTConfig:
         POS_ENCODINGS[self.pos_encoding].check(self)
         if self.rope_base <= 1.0:
             raise ConfigError(f"model.rope_base={self.rope_base!r} is invalid; it must be > 1")
+        for name, known in (("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in known:
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; choose one of {', '.join(known)}")
+        if self.logit_softcap is not None and (isinstance(self.logit_softcap, bool) or not self.logit_softcap > 0):
+            raise ConfigError(f"model.logit_softcap={self.logit_softcap!r} is invalid; it must be > 0, or null (off)")
+
+    @property
+    def causal(self) -> bool:
+        """Whether a position's output depends on earlier positions only. The original runs' norm
+        over the (seq, d_model) plane mixes every position's statistics into every other's."""
+        return self.norm != "seq_layernorm"
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +124,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.qk_norm = cfg.qk_norm
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.attn_dropout = cfg.attn_dropout
@@ -122,6 +147,8 @@ class CausalSelfAttention(nn.Module):
             .permute(2, 0, 3, 1, 4)
             .unbind(0)
         )
+        if self.qk_norm:  # unit RMS per head: attention scores stay in range whatever the weights grow to
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         q, k = pos.rotate(q, k, offset)
         if cache is not None:  # prepend the keys and values of the tokens before this chunk
             k, v = cache.extend(layer, k, v)
@@ -169,26 +196,65 @@ class KVCache:
 
 
 class FeedForward(nn.Module):
+    """d_model -> d_ff -> d_model with GELU (GPT-2), ReLU squared (modded-nanogpt) or SwiGLU (a
+    SiLU gate times a second projection: `up` holds both, 2 * d_ff wide)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.kind = cfg.mlp
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(F.gelu(linear(x, self.up.weight, self.up.bias)), self.down.weight, self.down.bias)
+        h = linear(x, self.up.weight, self.up.bias)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        y = linear(h, self.down.weight, self.down.bias)
         return self.dropout(y) if self.training else y
 
 
+class SeqLayerNorm(nn.Module):
+    """The original shakeGPT runs' LayerNorm: over each sequence's whole (seq, d_model) plane, with a
+    gain and a bias per position and channel. Every position's output depends on the mean and
+    variance of all positions, later ones included: the model is not causal. A sequence shorter
+    than `seq_len` is normalized over its own (T, d_model) plane with the first T rows of the gain
+    and bias."""
+
+    def __init__(self, seq_len: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(seq_len, d_model))
+        self.bias = nn.Parameter(torch.zeros(seq_len, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T, C = x.shape[-2:]
+        return F.layer_norm(x, (T, C), self.weight[:T], self.bias[:T])
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model)
+    return SeqLayerNorm(cfg.max_seq_len, cfg.d_model)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block. LayerNorm acts on each position's d_model vector alone, so no
-    information flows from later to earlier positions (the original runs' (seq, d_model) LayerNorm leaks)."""
+    """Pre-norm transformer block. LayerNorm and RMSNorm act on each position's d_model vector alone,
+    so no information flows from later to earlier positions (`seq_layernorm`, the original runs'
+    norm over the (seq, d_model) plane, leaks)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln2 = make_norm(cfg)
         self.ffn = FeedForward(cfg)
 
     def forward(
@@ -217,7 +283,7 @@ class GPT(nn.Module):
         self.pos = build_pos_encoding(cfg)
         self.drop = ByteDropout(cfg.dropout, cfg.fast_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ln_f = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
@@ -225,7 +291,10 @@ class GPT(nn.Module):
         # GPT-2's scaled init: each block adds two projections to the residual stream
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "ffn.down.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init_proj:  # modded-nanogpt: every block starts as the identity
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -238,6 +307,11 @@ class GPT(nn.Module):
         """idx (B, T) token ids at positions offset..offset+T-1 -> logits (B, T, vocab_size). With a
         `cache` holding the first `offset` tokens, attention also sees those, and the cache grows."""
         T = idx.size(1)
+        if not self.cfg.causal and (offset or cache is not None):
+            raise ConfigError(
+                "model.norm=seq_layernorm is not causal: every position depends on the whole window, so it "
+                "cannot continue from cached keys and values; run the whole window (generation does)"
+            )
         if offset + T > self.cfg.max_seq_len:
             raise ConfigError(
                 f"sequence of {offset + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
@@ -252,7 +326,11 @@ class GPT(nn.Module):
         decoding = T == 1 and cache is not None and not self.training
         for i, block in enumerate(self.blocks):
             x = (block.forward if decoding else block)(x, self.pos, bias, offset, cache, i)
-        return linear(self.ln_f(x), self.head.weight)  # (B, T, vocab)
+        logits = linear(self.ln_f(x), self.head.weight)  # (B, T, vocab)
+        if self.cfg.logit_softcap is not None:
+            cap = self.cfg.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def param_breakdown(self) -> dict[str, int]:
         """Exact trainable parameter count per component; the values sum to the model's total

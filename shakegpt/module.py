@@ -18,6 +18,7 @@ from shakegpt.checks import check_optim
 from shakegpt.errors import ConfigError, DivergedError
 from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P, stream_text
 from shakegpt.model import GPT, GPTConfig
+from shakegpt.optim import build_optimizer, group_settings
 from shakegpt.tokenizer import CharTokenizer
 from shakegpt.val_pass import loss_and_accuracy
 
@@ -54,6 +55,8 @@ class LitGPT(L.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         schedule: str = "cosine",
+        name: str = "adamw",
+        muon_momentum: float = 0.95,
     ):
         super().__init__()
         check_optim(
@@ -64,6 +67,8 @@ class LitGPT(L.LightningModule):
                 "warmup_steps": warmup_steps,
                 "min_lr_ratio": min_lr_ratio,
                 "schedule": schedule,
+                "name": name,
+                "muon_momentum": muon_momentum,
             }
         )
         self.save_hyperparameters()
@@ -184,17 +189,17 @@ class LitGPT(L.LightningModule):
         hp, step = self.hparams, checkpoint["global_step"]
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else step
         lr_now = hp.lr * lr_factor(step, hp.warmup_steps, total, hp.min_lr_ratio, hp.schedule)
+        settings = group_settings(hp.get("name", "adamw"), hp.weight_decay, hp.betas, hp.get("muon_momentum", 0.95))
         for opt_state in checkpoint["optimizer_states"]:
-            for i, group in enumerate(opt_state["param_groups"]):
-                group.update(lr=lr_now, initial_lr=hp.lr, betas=tuple(hp.betas))
-                group["weight_decay"] = hp.weight_decay if i == 0 else 0.0  # see `adamw`: matrices, then the rest
+            for group, ours in zip(opt_state["param_groups"], settings, strict=True):
+                group.update(lr=lr_now, initial_lr=hp.lr, **ours)
         for sched in checkpoint.get("lr_schedulers", []):
             sched["base_lrs"] = [hp.lr] * len(sched["base_lrs"])
             sched["_last_lr"] = [lr_now] * len(sched["base_lrs"])
         before = checkpoint.get("hyper_parameters", {})
         changed = [
             f"optim.{k} {before[k]!r} -> {hp[k]!r}"
-            for k in ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "schedule")
+            for k in ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "schedule", "muon_momentum")
             if k in before and _plain(before[k]) != _plain(hp[k])
         ]
         changed += [
@@ -245,20 +250,11 @@ class LitGPT(L.LightningModule):
         # fused AdamW is one kernel for all tensors instead of a Python loop over them; fp16 with a
         # GradScaler keeps the unfused one so that gradient clipping sees unscaled gradients
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        opt = adamw(self.model, hp.lr, hp.weight_decay, hp.betas, fused=not scaled)
+        opt = build_optimizer(
+            self.model, hp.name, hp.lr, hp.weight_decay, hp.betas, momentum=hp.muon_momentum, fused=not scaled
+        )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW with decay on matrices (Linear weights, embeddings) and none on gains and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fused = fused and all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused)

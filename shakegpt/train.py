@@ -64,7 +64,9 @@ def train(
     )
     ckpt_path = None
     if cfg.get("ckpt_path"):
-        ckpt_path = check_resumable(cfg.ckpt_path, module.config, cfg.trainer.max_steps, module.hparams.vocab)
+        ckpt_path = check_resumable(
+            cfg.ckpt_path, module.config, cfg.trainer.max_steps, module.hparams.vocab, module.hparams.name
+        )
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)

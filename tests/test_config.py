@@ -1,6 +1,7 @@
 """The real Hydra configs: presets set their original runs' values, overrides work, every preset x encoding trains."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -236,3 +237,62 @@ def test_attention_dropout_is_a_key_like_the_others(make_cfg, tmp_path):
     metrics = train(make_cfg("model.attn_dropout=0.1", "trainer.max_steps=2", "trainer.val_check_interval=2"))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["hyper_parameters"]["model"]["attn_dropout"] == 0.1 and math.isfinite(metrics["val/loss"])
+
+
+ORIGINAL_PARAMS = {"v1": 422_528, "v2": 9_684_480, "v3": 9_782_784}  # the original runs' own formula
+
+
+@pytest.mark.parametrize("preset", sorted(ORIGINAL_PARAMS))
+def test_the_original_norm_gives_the_original_parameter_counts(make_cfg, preset):
+    cfg = make_cfg(f"model={preset}", "model/norm=seq_layernorm", shrink=False)
+    with torch.device("meta"):  # counted, not allocated
+        model = GPT(GPTConfig.from_dict(dict(cfg.model)))
+    assert model.num_params() == ORIGINAL_PARAMS[preset]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_recipe_key_composes_with_every_preset(make_cfg, preset):
+    """Each norm and each feed-forward composes with every preset (as an override of the preset's
+    choice), with the three switches; every model of the product with every encoding builds (a few
+    combinations train below)."""
+    switches = ("model.qk_norm=true", "model.logit_softcap=30", "model.zero_init_proj=true")
+    for group, options in (("norm", ("layernorm", "rmsnorm", "seq_layernorm")), ("mlp", ("gelu", "relu2", "swiglu"))):
+        for option in options:
+            cfg = make_cfg(f"model={preset}", f"model/{group}={option}", *switches, shrink=False)
+            assert cfg.model[group] == option and cfg.model.qk_norm and cfg.model.logit_softcap == 30
+    model = dict(cfg.model)
+    for pos in POS_ENCODINGS:
+        for norm in ("layernorm", "rmsnorm", "seq_layernorm"):
+            for mlp in ("gelu", "relu2", "swiglu"):
+                with torch.device("meta"):  # built, not allocated
+                    GPT(GPTConfig.from_dict(model | {"pos_encoding": pos, "norm": norm, "mlp": mlp}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model/norm=rmsnorm", "model/mlp=relu2", "model.qk_norm=true", "model.zero_init_proj=true"),
+        ("model/norm=seq_layernorm", "model/mlp=swiglu", "model.logit_softcap=15"),
+        ("model=v1", "model/norm=seq_layernorm", "data.seq_len=32"),
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_recipe_combinations_train_and_sample(make_cfg, overrides, tmp_path):
+    metrics = train(make_cfg(*overrides, "trainer.max_steps=4", "trainer.val_check_interval=2", "sample.num_chars=20"))
+    assert math.isfinite(metrics["val/loss"])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    for o in overrides:  # the checkpoint records every choice
+        key, value = o.replace("model/", "model.").split("=")
+        if key.startswith("model."):
+            assert str(ckpt["hyper_parameters"]["model"][key.removeprefix("model.")]).lower() == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("model/norm", "rmsnorm"), ("model/mlp", "relu2"), ("model.qk_norm", "true"), ("model.logit_softcap", "30")],
+)
+def test_resuming_with_another_norm_or_mlp_is_refused_even_with_the_same_shapes(make_cfg, trained_run, key, value):
+    ckpt = trained_run[0] / "checkpoints" / "last.ckpt"
+    name = key.replace("model/", "model.")
+    with pytest.raises(ConfigError, match=rf"is from a different model \({re.escape(name)}="):
+        train(make_cfg(f"{key}={value}", f"ckpt_path={ckpt}", "trainer.max_steps=10"))

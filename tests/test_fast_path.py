@@ -71,13 +71,14 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["results"][0]["preset"] == "v1" == result["results"][0]["preset"]
     r = saved["results"][0]
-    assert set(r["step_s"]) == {"naive", "fast", "bare"} and all(v > 0 for v in r["step_s"].values())
-    assert [len(v) for v in r["raw_step_s"].values()] == [2, 4, 4]  # naive, fast, bare
+    assert set(r["step_s"]) == {"naive", "fast", "bare", "muon"} and all(v > 0 for v in r["step_s"].values())
+    assert [len(v) for v in r["raw_step_s"].values()] == [2, 4, 4, 4]  # naive, fast, bare, muon
+    assert r["muon_vs_adamw"] == r["step_s"]["muon"] / r["step_s"]["bare"]
     assert saved["peak_flops"]["bf16"] > 0 and r["val_pass_s"] > 0
     g = saved["generation"]
     assert g["num_chars"] == 20 and g["full_s"] > 0 and g["cached_s"] > 0
     printed = capsys.readouterr().out
-    assert "fast/naive" in printed and "KV cache" in printed
+    assert "fast/naive" in printed and "Muon/AdamW" in printed and "KV cache" in printed
 
 
 def test_bench_rejects_unknown_preset(capsys):

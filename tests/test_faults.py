@@ -98,15 +98,18 @@ def test_last_ckpt_is_the_latest_state_after_val_loss_turns_up(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
-    """A run killed after its val loss has turned up resumes from last.ckpt and continues step for step."""
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_kill_9_then_resume_continues_the_same_curve(tmp_path, optim):
+    """A run killed after its val loss has turned up resumes from last.ckpt and continues step for
+    step, with either optimizer (Muon's momentum and AdamW's moments come back with the checkpoint)."""
     steps = 60
     whole = tmp_path / "whole"
-    subprocess.run(train_command(whole, *_args(steps)), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    run = (*_args(steps), f"optim={optim}")
+    subprocess.run(train_command(whole, *run), cwd=ROOT, check=True, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
-    proc = start_training(killed, *_args(steps))
+    proc = start_training(killed, *run)
     try:
         for _ in range(2400):  # kill -9 once last.ckpt is past the best step: no handler runs, no save
             if last.is_file():
@@ -128,7 +131,7 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path):
 
     resumed = tmp_path / "resumed"
     subprocess.run(
-        train_command(resumed, *_args(steps, f"ckpt_path={last}")),
+        train_command(resumed, *run, f"ckpt_path={last}"),
         cwd=ROOT,
         check=True,
         capture_output=True,

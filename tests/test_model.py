@@ -1,7 +1,11 @@
+import re
+
 import pytest
 import torch
 
-from shakegpt.model import GPT, GPTConfig, original_formula_params
+from shakegpt.errors import ConfigError
+from shakegpt.generate import generate, sample_next
+from shakegpt.model import GPT, GPTConfig, KVCache, original_formula_params
 from shakegpt.pos_encoding import POS_ENCODINGS, alibi_slopes
 
 
@@ -160,3 +164,106 @@ def test_a_new_position_encoding_is_one_registered_class(request, make_cfg):
     assert isinstance(GPT(GPTConfig(pos_encoding="every_other")).pos, EveryOther)
     metrics = train(make_cfg("model.pos_encoding=every_other", "trainer.max_steps=2", "trainer.val_check_interval=2"))
     assert metrics["val/loss"] > 0
+
+
+# --- the recipe keys: model/norm, model/mlp, qk_norm, logit_softcap, zero_init_proj ---
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("mlp", ["gelu", "relu2", "swiglu"])
+def test_every_causal_norm_and_mlp_keeps_the_model_causal(norm, mlp):
+    torch.manual_seed(0)
+    model = GPT(tiny(norm=norm, mlp=mlp, qk_norm=True, logit_softcap=10.0)).eval()
+    x = torch.randint(0, 11, (2, 20))
+    y = x.clone()
+    y[:, 12] = (y[:, 12] + 1) % 11
+    assert torch.allclose(model(y)[:, :12], model(x)[:, :12], atol=1e-6)
+
+
+def test_the_original_runs_norm_over_the_window_is_not_causal():
+    """seq_layernorm: a later character changes every earlier position's logits."""
+    torch.manual_seed(0)
+    model = GPT(tiny(norm="seq_layernorm")).eval()
+    assert not model.cfg.causal and GPT(tiny()).cfg.causal
+    x = torch.randint(0, 11, (2, 20))
+    y = x.clone()
+    y[:, 19] = (y[:, 19] + 1) % 11
+    assert (model(y)[:, :19] - model(x)[:, :19]).abs().amax() > 1e-4  # every earlier position moved
+    with pytest.raises(Exception, match="seq_layernorm is not causal"):
+        model(x[:, :1], 5, KVCache(2, 24))
+
+
+def test_sampling_the_original_norm_runs_the_whole_window_each_character():
+    """No cache, the window sliding by one once full: the same draws as a hand-written loop."""
+    torch.manual_seed(0)
+    model = GPT(tiny(norm="seq_layernorm", max_seq_len=8)).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    got = generate(model, prompt, 12, generator=torch.Generator().manual_seed(5))
+    g, ctx = torch.Generator().manual_seed(5), prompt
+    with torch.no_grad():
+        for _ in range(12):
+            nxt = sample_next(model(ctx[:, -8:])[:, -1], generator=g)
+            ctx = torch.cat((ctx, nxt), dim=1)
+    assert torch.equal(got, ctx)
+
+
+def test_mlps_share_shapes_but_not_functions():
+    torch.manual_seed(0)
+    gelu = GPT(tiny(mlp="gelu"))
+    relu2 = GPT(tiny(mlp="relu2"))
+    relu2.load_state_dict(gelu.state_dict())  # the same shapes...
+    x = torch.randint(0, 11, (2, 12))
+    assert not torch.allclose(gelu(x), relu2(x), atol=1e-4)  # ...another function
+    swiglu = GPT(tiny(mlp="swiglu"))
+    assert swiglu.param_breakdown()["feed_forward"] == 2 * 3 * 16 * 32  # three d_model x d_ff matrices a block
+    h = torch.randn(3, 32)
+    block = swiglu.blocks[0].ffn
+    gate, value = (h[:, :16] @ block.up.weight.T).chunk(2, dim=-1)
+    assert torch.allclose(block(h[:, :16]), (torch.nn.functional.silu(gate) * value) @ block.down.weight.T, atol=1e-6)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    torch.manual_seed(0)
+    for qk_norm, blind in ((True, True), (False, False)):
+        model = GPT(tiny(qk_norm=qk_norm, n_layer=1)).eval()
+        x = torch.randint(0, 11, (2, 12))
+        before = model(x)
+        with torch.no_grad():
+            model.blocks[0].attn.qkv.weight[: 2 * 16] *= 7.0  # the query and key rows
+        assert torch.allclose(model(x), before, atol=1e-5) == blind
+
+
+def test_logit_softcap_squashes_the_logits_into_its_range():
+    torch.manual_seed(0)
+    capped, free = GPT(tiny(logit_softcap=2.0)), GPT(tiny())
+    free.load_state_dict(capped.state_dict())
+    with torch.no_grad():
+        capped.head.weight.mul_(100.0)
+        free.head.weight.mul_(100.0)
+    x = torch.randint(0, 11, (2, 12))
+    raw = free(x)
+    assert raw.abs().max() > 2.0 and torch.allclose(capped(x), 2.0 * torch.tanh(raw / 2.0), atol=1e-5)
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init_proj=True)).eval()
+    assert all((b.attn.proj.weight == 0).all() and (b.ffn.down.weight == 0).all() for b in model.blocks)
+    x = torch.randint(0, 11, (2, 12))
+    expected = model.ln_f(model.pos.embed(model.tok_emb(x), 0)) @ model.head.weight.T
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    model(x).sum().backward()  # and they learn: gradients reach the zero matrices
+    assert model.blocks[0].attn.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("norm", "batchnorm", "model.norm='batchnorm' is unknown; choose one of layernorm, rmsnorm, seq_layernorm"),
+        ("mlp", "tanh", "model.mlp='tanh' is unknown; choose one of gelu, relu2, swiglu"),
+        ("logit_softcap", 0.0, "model.logit_softcap=0.0 is invalid; it must be > 0, or null (off)"),
+    ],
+)
+def test_a_bad_recipe_value_is_named(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny(**{key: value})

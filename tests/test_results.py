@@ -126,6 +126,15 @@ def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     # and before model.attn_dropout was a key of the config (0.0, the model's default, then and now)
     if "attn_dropout" not in kept.model:
         kept.model.attn_dropout = 0.0
+    # and before the recipe keys (their defaults are the model kept runs trained: layernorm, gelu, none of the switches)
+    recipe = {"norm": "layernorm", "mlp": "gelu", "qk_norm": False, "logit_softcap": None, "zero_init_proj": False}
+    for key, default in recipe.items():
+        if key not in kept.model:
+            kept.model[key] = default
+    # and before optim=muon (every kept run used AdamW, the default)
+    for key, default in {"name": "adamw", "muon_momentum": 0.95}.items():
+        if key not in kept.optim:
+            kept.optim[key] = default
     # and when Lightning's LearningRateMonitor logged the learning rate (the module logs train/lr now)
     kept.callbacks.pop("lr_monitor", None)
     now = compose_cfg(ROOT / "outputs", *overrides, shrink=False)

@@ -1,0 +1,110 @@
+"""The optimizers a run can use, each one torch optimizer as Lightning sees it:
+
+- `adamw`: AdamW, with weight decay on matrices (Linear weights, embeddings), none on gains and biases;
+- `muon`: Muon (`torch.optim.Muon`) for the blocks' hidden matrices (attention and feed-forward
+  weights), AdamW for the embeddings, the output head, gains and biases, as in modded-nanogpt.
+  Muon's updates are scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so both follow the
+  same learning rate and weight decay (torch's documentation: the scaling lets Muon reuse AdamW's).
+
+Both are single `torch.optim.Optimizer`s: the learning-rate schedule, gradient clipping and
+checkpoints work on them as on any optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from shakegpt.checks import OPTIMIZERS
+from shakegpt.errors import ConfigError
+
+
+def has_muon() -> bool:
+    return hasattr(torch.optim, "Muon")
+
+
+def require_muon() -> None:
+    if not has_muon():
+        raise ConfigError(
+            f"optim=muon needs torch.optim.Muon, which this torch ({torch.__version__}) does not have; "
+            "upgrade torch, or use optim=adamw"
+        )
+
+
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside a block: what Muon updates. Embeddings and the output head are not."""
+    return p.dim() == 2 and name.startswith("blocks.")
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas,
+    momentum: float = 0.95,
+    fused: bool = True,
+) -> torch.optim.Optimizer:
+    """The optimizer `name` over the model's trainable parameters."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    fused = fused and all(p.device.type in ("cpu", "cuda") for _, p in named)
+    if name == "adamw":
+        return torch.optim.AdamW(_adamw_groups(named, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
+    if name == "muon":
+        require_muon()
+        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
+        rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
+        return MuonWithAdamW(hidden, _adamw_groups(rest, weight_decay), lr, weight_decay, betas, momentum, fused)
+    raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _adamw_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    return [
+        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def group_settings(name: str, weight_decay: float, betas, momentum: float) -> list[dict]:
+    """Per parameter group, in the optimizer's order, the settings that come from a run's config
+    (a resumed run writes these over the checkpoint's)."""
+    adamw = [{"weight_decay": weight_decay, "betas": tuple(betas)}, {"weight_decay": 0.0, "betas": tuple(betas)}]
+    if name == "muon":
+        return [{"weight_decay": weight_decay, "momentum": momentum}, *adamw]
+    return adamw
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for `hidden` (2-D matrices), AdamW for `adamw_groups`, stepped together. Its param
+    groups are the two inner optimizers' own (Muon's first), so a scheduler or a clipping pass over
+    `param_groups` reaches all of them, and its state is theirs."""
+
+    def __init__(self, hidden, adamw_groups, lr, weight_decay, betas, momentum=0.95, fused=True):
+        self.muon = torch.optim.Muon(
+            hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
+        )
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=tuple(betas), fused=fused)
+        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this one's groups and state (after a load replaced them)."""
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
