@@ -10,6 +10,10 @@ For each preset it times three ways of running the same model shape on the same 
 * muon    the bare loop with `optim=muon` (Muon for the blocks' matrices, AdamW for the rest), to
           show what Muon's orthogonalization costs a step against AdamW.
 
+With `--ablation` it times instead one step of each option of the ablation sweep
+(`python train.py experiment=ablation`, one change at a time from nanoGPT's recipe) in bare loops
+taken in turn, for its table's step-time ratios against the base.
+
 They are interleaved inside one Lightning run (a bare and a muon step, in turn first, after every
 Lightning step, a naive step after every `--per-naive` of them), so a noisy machine affects them
 alike; ratios come from the medians of one run. MFU divides model FLOPs
@@ -222,6 +226,44 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
     }
 
 
+def ablation_options() -> list[str]:
+    """The options of the ablation sweep, in its order (conf/experiment/ablation.yaml)."""
+    cfg = OmegaConf.load(Path(CONF_DIR) / "experiment" / "ablation.yaml")
+    return str(cfg.hydra.sweeper.params.ablation).split(",")
+
+
+def bench_ablation(corpus: Path, options: list[str], steps: int, warmup: int) -> dict:
+    """Seconds per training step (forward, backward, clipping, optimizer) of each ablation option at
+    the ablation's shape: one bare loop per option, a step of each in turn (each round starting one
+    option further on), medians of `steps` after `warmup` rounds; `vs_base` is the ratio to base's."""
+    loops = {}
+    for option in options:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=ablation", f"ablation={option}"])
+        mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+        B, T, o = cfg.data.batch_size, cfg.data.seq_len, cfg.optim
+        if not loops:
+            dm = CharDataModule(path=str(corpus), batch_size=B, seq_len=T, seed=cfg.seed)
+            dm.setup("fit")
+        torch.manual_seed(cfg.seed)
+        model = GPT(mcfg)
+        opt = build_optimizer(model, o.name, o.lr, o.weight_decay, o.betas, o.muon_momentum)
+        loops[option] = Loop(
+            model,
+            opt,
+            RandomWindows(dm.train_ids, B, T, cfg.seed),
+            autocast=resolve_precision(cfg.trainer.precision, "cpu", mcfg.d_model) == "bf16-mixed",
+            clip=cfg.trainer.gradient_clip_val,
+        )
+    for r in range(warmup + steps):
+        k = r % len(options)
+        for option in options[k:] + options[:k]:
+            loops[option].step()
+    step_s = {option: statistics.median(loop.times[warmup:]) for option, loop in loops.items()}
+    base = step_s.get("base", next(iter(step_s.values())))
+    return {option: {"step_s": s, "vs_base": s / base} for option, s in step_s.items()}
+
+
 def bench_generation(preset: str, num_chars: int) -> dict:
     """Seconds to sample `num_chars` characters at the preset's shape with and without the KV cache
     (cached, full recompute, cached again: the better cached time is kept)."""
@@ -268,8 +310,8 @@ def table(results: list[dict], peak_bf16: float) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m shakegpt.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated model presets (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=3, help="timed naive steps (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed naive steps first (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="timed naive steps (default: 3; with --ablation 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed naive steps first (default: 1; with --ablation 3)")
     p.add_argument(
         "--per-naive",
         type=int,
@@ -285,9 +327,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="characters to generate at the v3 shape, with and without KV cache; 0 skips (default: %(default)s)",
     )
     p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="time a step of each option of `python train.py experiment=ablation` instead of the presets",
+    )
+    p.add_argument(
         "overrides", nargs="*", help="Hydra overrides for the shape, e.g. data.batch_size=32 data.seq_len=128"
     )
     args = p.parse_args(argv)
+    if args.steps is None:
+        args.steps = 20 if args.ablation else 3  # an ablation step is milliseconds: take more of them
+    if args.warmup is None:
+        args.warmup = 3 if args.ablation else 1
     presets = [s for s in args.presets.split(",") if s]
     for name in presets:
         if not (Path(CONF_DIR) / "model" / f"{name}.yaml").is_file():
@@ -305,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_fast_bf16()}", flush=True
     )
+    if args.ablation:
+        return _main_ablation(args, corpus)
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peak: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
     results = []
@@ -332,6 +385,26 @@ def main(argv: list[str] | None = None) -> dict:
         "overrides": args.overrides,
         "results": results,
         "generation": generation,
+    }
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"\nwritten: {args.out}")
+    return out
+
+
+def _main_ablation(args, corpus: Path) -> dict:
+    steps, warmup = args.steps, args.warmup
+    options = ablation_options()
+    print(f"ablation: {len(options)} options, {warmup} + {steps} steps each, in turn", flush=True)
+    result = bench_ablation(corpus, options, steps, warmup)
+    print(f"\n{'option':<13} {'s/step':>8} {'vs base':>8}")
+    for option, r in result.items():
+        print(f"{option:<13} {r['step_s']:>8.4f} {r['vs_base']:>7.2f}x")
+    out = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps": steps,
+        "warmup": warmup,
+        "ablation": result,
     }
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"\nwritten: {args.out}")

@@ -50,6 +50,7 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", a
         "val_loss": metrics["val/loss"],
         "val_bpc": metrics["val/bpc"],
         "val_acc": metrics["val/acc"],
+        "val_loss_last": metrics["val/loss_last"],
         "unk_share": unk_share,
         "precision": precision,
         "seq_len": seq_len,
@@ -59,10 +60,14 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", a
 
 
 def table(rows: list[dict]) -> str:
-    out = [f"{'checkpoint':<60} {'step':>7} {'val loss':>9} {'bpc':>7} {'acc':>7}"]
+    """One line per checkpoint; `last pos` is the val loss at each window's last position alone."""
+    out = [f"{'checkpoint':<60} {'step':>7} {'val loss':>9} {'bpc':>7} {'acc':>7} {'last pos':>9}"]
     for r in rows:
         name = r["ckpt"] if len(r["ckpt"]) <= 60 else "…" + r["ckpt"][-59:]
-        out.append(f"{name:<60} {r['step']:>7} {r['val_loss']:>9.4f} {r['val_bpc']:>7.4f} {r['val_acc']:>7.4f}")
+        out.append(
+            f"{name:<60} {r['step']:>7} {r['val_loss']:>9.4f} {r['val_bpc']:>7.4f} {r['val_acc']:>7.4f} "
+            f"{r['val_loss_last']:>9.4f}"
+        )
     return "\n".join(out)
 
 

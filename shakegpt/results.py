@@ -4,6 +4,7 @@
     python -m shakegpt.results table                      # markdown table of outputs/reference/
     python -m shakegpt.results plot --out docs/results.png      # the kept runs
     python -m shakegpt.results plot outputs/multiruns/<sweep>   # a sweep's jobs (or run directories)
+    python -m shakegpt.results ablation outputs/multiruns/<sweep> --bench bench.json --out ablation.png
 
 `keep` copies what a reader needs to check a run without its checkpoints: the TensorBoard event
 files, the resolved config, the log, the last text sample, and a `metrics.json` summary (best and
@@ -13,6 +14,7 @@ last val loss, steps, training time from the event timestamps, parameters, the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -209,6 +211,136 @@ def sweep_table(sweep_dir: str | Path) -> str:
     return "\n".join(rows)
 
 
+def ablation_runs(sweep_dir: str | Path) -> dict[str, list[dict]]:
+    """The jobs of an ablation sweep (`python train.py experiment=ablation`), by option in job order:
+    option -> [{"seed", "best", "steps", "curve": [(step, val loss)]}]; a failed job has best None."""
+    sweep_dir = Path(sweep_dir)
+    jobs = sorted(
+        (p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
+        key=lambda p: int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 0,
+    )
+    runs: dict[str, list[dict]] = {}
+    for job in jobs:
+        overrides = dict(
+            str(o).split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if "=" in str(o)
+        )
+        if "ablation" not in overrides:
+            raise ConfigError(f"{job} has no ablation=… override: give a sweep made by `train.py experiment=ablation`")
+        run = {"seed": overrides.get("seed", "?"), "best": None, "steps": 0, "curve": []}
+        if not (job / JOB_ERROR_FILE).is_file():
+            with contextlib.suppress(ConfigError):  # no event file or no validation: it failed early
+                val = read_scalars(job).get("val/loss", [])
+                run["curve"] = [(step, value) for step, value, _ in val]
+                run["best"] = min(v for _, v in run["curve"]) if val else None
+                run["steps"] = val[-1][0] if val else 0
+        runs.setdefault(overrides["ablation"], []).append(run)
+    if not runs:
+        raise ConfigError(f"{sweep_dir} holds no sweep jobs (no */.hydra/overrides.yaml)")
+    if "base" not in runs:
+        raise ConfigError(f"{sweep_dir} has no ablation=base job to compare the changes with")
+    return runs
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _what(option: str) -> str:
+    """The first line of conf/ablation/<option>.yaml's description."""
+    from shakegpt.configs import CONF_DIR
+
+    path = Path(CONF_DIR) / "ablation" / f"{option}.yaml"
+    if not path.is_file():
+        return ""
+    lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ") and "@package" not in line]
+    return lines[0] if lines else ""
+
+
+def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> str:
+    """An ablation sweep as a markdown table, in the sweep's order: each change, its best val loss per
+    seed, their mean and spread, the mean's difference from base (negative: the change helps) and,
+    from a `python -m shakegpt.bench --ablation` JSON file, its step time against base's."""
+    runs = ablation_runs(sweep_dir)
+    ratios = {}
+    if bench is not None:
+        try:
+            ratios = {k: v["vs_base"] for k, v in json.loads(Path(bench).read_text())["ablation"].items()}
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--bench {bench}: not a `python -m shakegpt.bench --ablation` result ({e})") from None
+    done = [r["best"] for r in runs["base"] if r["best"] is not None]
+    if not done:
+        raise ConfigError(f"no base job of {sweep_dir} has validated: nothing to compare with")
+    base = _mean(done)
+    steps = max(r["steps"] for rs in runs.values() for r in rs)
+    head = "| change | what it is | best val loss by seed | mean | spread | vs base |"
+    rows = [head + (" step time vs base |" if ratios else ""), "|---" * (6 + bool(ratios)) + "|"]
+    for option, rs in runs.items():
+        bests = [r["best"] for r in rs if r["best"] is not None and r["steps"] == steps]
+        stopped = sum(r["best"] is not None and r["steps"] != steps for r in rs)
+        by_seed = ", ".join(f"{r['best']:.4f}" if r["best"] is not None else "failed" for r in rs)
+        if stopped:
+            by_seed += f" ({stopped} stopped before step {steps:,}: not in the mean)"
+        if bests:
+            mean, spread = _mean(bests), max(bests) - min(bests)
+            cells = [f"{mean:.4f}", f"{spread:.4f}", "—" if option == "base" else f"{mean - base:+.4f}"]
+        else:
+            cells = ["—", "—", "—"]
+        ratio = [f"{ratios[option]:.2f}x" if option in ratios else "—"] if ratios else []
+        rows.append(f"| {option} | {_what(option)} | {by_seed} | " + " | ".join(cells + ratio) + " |")
+    return "\n".join(rows)
+
+
+def plot_ablation(sweep_dir: str | Path, out: str | Path | None = None):
+    """Mean val loss over the seeds against step, one line per change (base in black), in two panels:
+    every validation, and a zoom on the second half. A job that failed or stopped early is left out,
+    as in the table. Returns the figure."""
+    import matplotlib
+
+    if out is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = ablation_runs(sweep_dir)
+    end = max(r["steps"] for rs in runs.values() for r in rs)
+    fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colours = iter(plt.get_cmap("tab20").colors)
+    last = []
+    for option, rs in runs.items():
+        curves = [dict(r["curve"]) for r in rs if r["curve"] and r["steps"] == end]  # as in the table's mean
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        mean = [_mean([c[s] for c in curves]) for s in steps]
+        style = dict(color="black", linewidth=2.2) if option == "base" else dict(color=next(colours), linewidth=1.2)
+        label = f"{option} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
+        for ax in (full, zoom):
+            ax.plot(steps, mean, marker=".", markersize=4, label=label, **style)
+        last += [(s, m) for s, m in zip(steps, mean, strict=True) if s >= steps[-1] / 2]
+    if not last:
+        raise ConfigError(f"no job of {sweep_dir} has validated yet: nothing to plot")
+    for ax in (full, zoom):
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("step")
+    full.set_ylabel("validation loss (nats/char), mean over seeds")
+    full.set_title("every validation")
+    lo, hi = min(m for _, m in last), max(m for _, m in last)
+    margin = max(0.005, 0.05 * (hi - lo))
+    zoom.set_ylim(lo - margin, hi + margin)
+    zoom.set_xlim(min(s for s, _ in last) * 0.97, max(s for s, _ in last) * 1.01)
+    zoom.set_title("zoom on the second half")
+    handles, labels = full.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    if out is not None:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=110, bbox_inches="tight")
+        except OSError as e:
+            raise ConfigError(f"--out {out} could not be written: {e.strerror or e}") from None
+        plt.close(fig)
+    return fig
+
+
 # the reference lines: each its own colour and dash, so that 1.7002 and 1.6900 stay apart
 REFERENCE_STYLES = {"v1": ("tab:red", ":"), "v2": ("tab:orange", "-."), "v3": ("tab:purple", "--")}
 
@@ -247,10 +379,12 @@ def runs_to_plot(paths: list[str | Path]) -> list[tuple[str, Path]]:
     return labels
 
 
-def plot(runs: str | Path | list = REFERENCE_DIR, out: str | Path | None = None, references: bool = True):
-    """Val loss against training time, one line per run, in two panels: every validation, and a
-    zoom on the best val losses. `references` draws the original runs and nanoGPT as lines, each
-    in the legend. `runs`: as `runs_to_plot` takes them. Returns the figure."""
+def plot(
+    runs: str | Path | list = REFERENCE_DIR, out: str | Path | None = None, references: bool = True, x: str = "time"
+):
+    """Val loss against training time (or, with x="step", against step), one line per run, in two
+    panels: every validation, and a zoom on the best val losses. `references` draws the original
+    runs and nanoGPT as lines, each in the legend. `runs`: as `runs_to_plot` takes them. Returns the figure."""
     import matplotlib
     import matplotlib.ticker
 
@@ -258,16 +392,22 @@ def plot(runs: str | Path | list = REFERENCE_DIR, out: str | Path | None = None,
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if x not in ("time", "step"):
+        raise ConfigError(f"x={x!r}: plot against time or step")
+    by_step = x == "step"
     curves = []
     for label, run in runs_to_plot(runs if isinstance(runs, list) else [runs]):
         val = read_scalars(run).get("val/loss", [])
         if val:
-            curves.append((label, [e[2] for e in val], [e[1] for e in val]))
+            curves.append((label, [e[0] if by_step else e[2] for e in val], [e[1] for e in val]))
     if not curves:
         raise ConfigError(f"no run in {runs} has validated yet: nothing to plot")
     # minutes, or seconds for short runs; log scale from the first validation on
-    per, unit = (60, "minutes") if max(x[-1] for _, x, _ in curves) >= 120 else (1, "seconds")
-    curves = [(label, [max(t, 1e-3) / per for t in x], y) for label, x, y in curves]
+    if by_step:
+        per, unit = 1, "steps"
+    else:
+        per, unit = (60, "minutes") if max(t[-1] for _, t, _ in curves) >= 120 else (1, "seconds")
+    curves = [(label, [max(t, 1e-3) / per for t in ts], y) for label, ts, y in curves]
     lines = [(f"original {k}: {v:.4f} after {ORIGINAL_WALL[k]}", v, *REFERENCE_STYLES[k]) for k, v in ORIGINAL.items()]
     lines.append((f"nanoGPT: {NANOGPT} (A100)", NANOGPT, "black", "-"))
     if not references:
@@ -284,8 +424,8 @@ def plot(runs: str | Path | list = REFERENCE_DIR, out: str | Path | None = None,
     full.set_xscale("log")  # the first minutes and the last hours on one axis
     full.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     full.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    full.set_xlabel(f"training time ({unit}, log scale)")
-    zoom.set_xlabel(f"training time ({unit})")
+    full.set_xlabel("step (log scale)" if by_step else f"training time ({unit}, log scale)")
+    zoom.set_xlabel("step" if by_step else f"training time ({unit})")
     values = [v for _, _, y in curves for v in y] + [v for _, v, _, _ in lines]
     full.set_ylim(min(values) - 0.05, min(max(values), 4.5) + 0.05)
     full.set_ylabel("validation loss (nats/char)")
@@ -339,15 +479,28 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--root", default=str(REFERENCE_DIR), help="the kept runs' folder, when no runs are given")
     g.add_argument("--out", default="results.png", help="the image to write (default: results.png)")
     g.add_argument("--no-references", action="store_true", help="leave out the original runs' and nanoGPT's lines")
+    g.add_argument("--x", choices=("time", "step"), default="time", help="the x axis (default: %(default)s)")
+    a = sub.add_parser(
+        "ablation",
+        help="an ablation sweep (train.py experiment=ablation): each change against base, as a table and a plot",
+    )
+    a.add_argument("sweep_dir")
+    a.add_argument("--bench", default=None, help="a `python -m shakegpt.bench --ablation` JSON file: step times")
+    a.add_argument("--out", default=None, help="also draw mean val loss against step into this image")
     args = p.parse_args(argv)
-    if args.cmd == "keep":
+    if args.cmd == "ablation":
+        print(ablation_table(args.sweep_dir, args.bench))
+        if args.out:
+            plot_ablation(args.sweep_dir, args.out)
+            print(f"written: {args.out}")
+    elif args.cmd == "keep":
         dest = keep(args.run_dir, args.name, args.command, args.root, args.note, overwrite=args.force)
         print(json.dumps(json.loads((dest / "metrics.json").read_text()), indent=2))
         print(f"kept in {dest}")
     elif args.cmd == "table":
         print(table(args.root))
     else:
-        plot([Path(r) for r in args.runs] or Path(args.root), args.out, references=not args.no_references)
+        plot([Path(r) for r in args.runs] or Path(args.root), args.out, not args.no_references, args.x)
         print(f"written: {args.out}")
 
 

@@ -33,7 +33,9 @@ def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
 def full_val_pass(
     model: GPT, val_ids: torch.Tensor, seq_len: int, batch_size: int, precision: str = "32-true"
 ) -> tuple[dict[str, float], float]:
-    """({"val/loss", "val/acc", "val/bpc"}, seconds) of `model` over every window of `val_ids`."""
+    """({"val/loss", "val/acc", "val/bpc", "val/loss_last"}, seconds) of `model` over every window of
+    `val_ids`. `val/loss_last` is the loss at each window's last position alone: there no later
+    character exists, so a model that is not causal (`model/norm=seq_layernorm`) cannot see one."""
     if precision not in AUTOCAST and precision not in CAST:
         raise ConfigError(f"precision={precision!r} is unknown; choose one of {', '.join([*CAST, *AUTOCAST])}")
     was_training = model.training
@@ -41,15 +43,18 @@ def full_val_pass(
         model = copy.deepcopy(model).to(CAST[precision])
     model.eval()
     batches = DataLoader(ValWindows(val_ids, seq_len), batch_size=batch_size, shuffle=False)  # as in training
-    loss_sum = correct = count = 0.0
+    loss_sum = correct = count = last_sum = 0.0
     start = time.perf_counter()
     for x, y in batches:
         ctx = torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
         with ctx:
             logits = model(x)  # (B, T, V)
         loss, acc = loss_and_accuracy(logits, y)
+        last_sum += F.cross_entropy(logits[:, -1].float(), y[:, -1], reduction="sum").item()
         n = y.numel()
         loss_sum, correct, count = loss_sum + loss.item() * n, correct + acc.item() * n, count + n
     model.train(was_training)
     loss = loss_sum / count
-    return {"val/loss": loss, "val/acc": correct / count, "val/bpc": loss / math.log(2)}, time.perf_counter() - start
+    metrics = {"val/loss": loss, "val/acc": correct / count, "val/bpc": loss / math.log(2)}
+    metrics["val/loss_last"] = last_sum / (count / y.size(1))  # windows: every one has y.size(1) targets
+    return metrics, time.perf_counter() - start

@@ -197,8 +197,9 @@ def test_eval_cli_table_and_json(trained_run, tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "val loss" in r.stdout and r.stdout.count(".ckpt") == 2
+    assert "val loss" in r.stdout and "last pos" in r.stdout and r.stdout.count(".ckpt") == 2
     rows = json.loads(js.read_text())
+    assert all(f"{row['val_loss_last']:.4f}" in r.stdout for row in rows)  # the last-position loss, per checkpoint
     assert len(rows) == 2 and rows[0]["step"] in (3, 6) and rows[1]["step"] == 6
     assert rows[0]["val_loss"] <= rows[1]["val_loss"]  # the run directory means its best checkpoint
 

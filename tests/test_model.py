@@ -267,3 +267,23 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
 def test_a_bad_recipe_value_is_named(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         tiny(**{key: value})
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "seq_layernorm"])
+def test_the_val_pass_reports_the_last_positions_loss_alone(norm):
+    """val/loss_last: the loss at each window's last position, where even seq_layernorm sees no later
+    character (evaluate's `last pos` column; docs/results.md compares the two norms with it)."""
+    import torch.nn.functional as F
+
+    from shakegpt.val_pass import full_val_pass
+
+    torch.manual_seed(0)
+    model = GPT(tiny(norm=norm, max_seq_len=8)).eval()
+    ids = torch.randint(0, 11, (8 * 5 + 3,))  # five windows of 8 and two characters left over
+    metrics, _ = full_val_pass(model, ids, 8, batch_size=2)
+    x, y = ids[:40].view(5, 8), ids[1:41].view(5, 8)
+    with torch.no_grad():
+        logits = model(x)
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item(), rel=1e-5)
+    assert metrics["val/loss_last"] == pytest.approx(F.cross_entropy(logits[:, -1], y[:, -1]).item(), rel=1e-5)
+    assert metrics["val/loss_last"] != pytest.approx(metrics["val/loss"], rel=1e-3)  # not the mean of all

@@ -249,6 +249,10 @@ def test_any_set_of_runs_plots_with_every_line_in_the_legend_and_a_zoom(tmp_path
     assert lo < 1.4697 and 1.7531 < hi < 1.9  # the zoom: the runs that reach the lines, the lines apart
     assert (1.7002 - 1.6900) / (hi - lo) > 0.02
     assert len(plot(sweep, references=False).axes[0].get_legend_handles_labels()[1]) == 3  # --no-references
+    by_step = plot(sweep, references=False, x="step").axes[0]  # --x step: at equal steps, whatever the machine did
+    assert list(by_step.get_lines()[1].get_xdata()) == [10, 20, 30] and by_step.get_xlabel() == "step (log scale)"
+    with pytest.raises(ConfigError, match="x='steps': plot against time or step"):
+        plot(sweep, x="steps")
     png = tmp_path / "sweep.png"
     main(["plot", str(sweep), "--out", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
