@@ -246,14 +246,19 @@ def _mean(values: list[float]) -> float:
 
 
 def _what(option: str) -> str:
-    """The first line of conf/ablation/<option>.yaml's description."""
+    """The description at the top of conf/ablation/<option>.yaml, as one line."""
     from shakegpt.configs import CONF_DIR
 
     path = Path(CONF_DIR) / "ablation" / f"{option}.yaml"
     if not path.is_file():
         return ""
-    lines = [line[2:] for line in path.read_text().splitlines() if line.startswith("# ") and "@package" not in line]
-    return lines[0] if lines else ""
+    lines = [line for line in path.read_text().splitlines() if "@package" not in line]
+    words = []
+    for line in lines:  # the comment block at the top of the file, as one sentence
+        if not line.startswith("# "):
+            break
+        words.append(line[2:].strip())
+    return " ".join(words)
 
 
 def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> str:

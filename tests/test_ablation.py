@@ -140,6 +140,9 @@ def test_the_table_compares_each_change_with_base_over_its_seeds(tmp_path):
     assert cells["rope"][1:] == ["2.1500", "0.0000", "+0.0500", "0.90x |"]
     assert cells["softcap"] == ["failed", "—", "—", "—", "— |"]
     assert "Muon for the blocks' matrices" in rows[3]  # what the change is, from its config file
+    assert "(344 instead of 512)" in ablation_table(
+        fake_ablation(tmp_path / "s", [("base", 1, [2.0]), ("swiglu", 1, [2.0])])
+    )
     assert "step time" not in ablation_table(sweep).splitlines()[0]  # without --bench: no such column
     fig = plot_ablation(sweep)
     labels = fig.axes[0].get_legend_handles_labels()[1]
