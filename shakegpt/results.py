@@ -295,6 +295,24 @@ def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> st
     return "\n".join(rows)
 
 
+def _finish(fig, legend_from, out: str | Path | None):
+    """One legend beside the panels (from the axes `legend_from`), and the figure saved to `out`
+    (then closed) when given. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = legend_from.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    if out is not None:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out, dpi=110, bbox_inches="tight")
+        except OSError as e:
+            raise ConfigError(f"--out {out} could not be written: {e.strerror or e}") from None
+        plt.close(fig)
+    return fig
+
+
 def plot_ablation(sweep_dir: str | Path, out: str | Path | None = None):
     """Mean val loss over the seeds against step, one line per change (base in black), in two panels:
     every validation, and a zoom on the second half. A job that failed or stopped early is left out,
@@ -333,17 +351,7 @@ def plot_ablation(sweep_dir: str | Path, out: str | Path | None = None):
     zoom.set_ylim(lo - margin, hi + margin)
     zoom.set_xlim(min(s for s, _ in last) * 0.97, max(s for s, _ in last) * 1.01)
     zoom.set_title("zoom on the second half")
-    handles, labels = full.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    if out is not None:
-        try:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out, dpi=110, bbox_inches="tight")
-        except OSError as e:
-            raise ConfigError(f"--out {out} could not be written: {e.strerror or e}") from None
-        plt.close(fig)
-    return fig
+    return _finish(fig, full, out)
 
 
 # the reference lines: each its own colour and dash, so that 1.7002 and 1.6900 stay apart
@@ -450,17 +458,7 @@ def plot(
         pad = 0.04 * (right - left) or 0.1 * right
         zoom.set_xlim(left - pad, right + pad)
     zoom.set_title("zoom on the best val losses")
-    handles, labels = full.get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.tight_layout()
-    if out is not None:
-        try:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out, dpi=110, bbox_inches="tight")
-        except OSError as e:
-            raise ConfigError(f"--out {out} could not be written: {e.strerror or e}") from None
-        plt.close(fig)
-    return fig
+    return _finish(fig, full, out)
 
 
 @exit_on_user_error
