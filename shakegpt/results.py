@@ -184,9 +184,7 @@ def sweep_table(sweep_dir: str | Path) -> str:
     sweep_dir = Path(sweep_dir)
     jobs = []
     for job in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()):
-        overrides = dict(
-            str(o).split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if "=" in str(o)
-        )
+        overrides = _job_overrides(job)
         error = job / JOB_ERROR_FILE
         try:
             s = summarize(job)
@@ -211,6 +209,11 @@ def sweep_table(sweep_dir: str | Path) -> str:
     return "\n".join(rows)
 
 
+def _job_overrides(job: Path) -> dict[str, str]:
+    """A sweep job's command-line overrides (.hydra/overrides.yaml) as key -> value."""
+    return dict(str(o).split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if "=" in str(o))
+
+
 def ablation_runs(sweep_dir: str | Path) -> dict[str, list[dict]]:
     """The jobs of an ablation sweep (`python train.py experiment=ablation`), by option in job order:
     option -> [{"seed", "best", "steps", "curve": [(step, val loss)]}]; a failed job has best None."""
@@ -221,9 +224,7 @@ def ablation_runs(sweep_dir: str | Path) -> dict[str, list[dict]]:
     )
     runs: dict[str, list[dict]] = {}
     for job in jobs:
-        overrides = dict(
-            str(o).split("=", 1) for o in OmegaConf.load(job / ".hydra" / "overrides.yaml") if "=" in str(o)
-        )
+        overrides = _job_overrides(job)
         if "ablation" not in overrides:
             raise ConfigError(f"{job} has no ablation=… override: give a sweep made by `train.py experiment=ablation`")
         run = {"seed": overrides.get("seed", "?"), "best": None, "steps": 0, "curve": []}
@@ -272,11 +273,11 @@ def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> st
             ratios = {k: v["vs_base"] for k, v in json.loads(Path(bench).read_text())["ablation"].items()}
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"--bench {bench}: not a `python -m shakegpt.bench --ablation` result ({e})") from None
-    done = [r["best"] for r in runs["base"] if r["best"] is not None]
-    if not done:
-        raise ConfigError(f"no base job of {sweep_dir} has validated: nothing to compare with")
-    base = _mean(done)
     steps = max(r["steps"] for rs in runs.values() for r in rs)
+    done = [r["best"] for r in runs["base"] if r["best"] is not None and r["steps"] == steps]
+    if not done:
+        raise ConfigError(f"no base job of {sweep_dir} ran to step {steps:,}: nothing to compare with")
+    base = _mean(done)  # the same complete runs as the base row's mean
     head = "| change | what it is | best val loss by seed | mean | spread | vs base |"
     rows = [head + (" step time vs base |" if ratios else ""), "|---" * (6 + bool(ratios)) + "|"]
     for option, rs in runs.items():

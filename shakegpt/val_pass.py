@@ -43,7 +43,7 @@ def full_val_pass(
         model = copy.deepcopy(model).to(CAST[precision])
     model.eval()
     batches = DataLoader(ValWindows(val_ids, seq_len), batch_size=batch_size, shuffle=False)  # as in training
-    loss_sum = correct = count = last_sum = 0.0
+    loss_sum = correct = count = last_sum = windows = 0.0
     start = time.perf_counter()
     for x, y in batches:
         ctx = torch.autocast("cpu", dtype=AUTOCAST[precision]) if precision in AUTOCAST else contextlib.nullcontext()
@@ -51,10 +51,11 @@ def full_val_pass(
             logits = model(x)  # (B, T, V)
         loss, acc = loss_and_accuracy(logits, y)
         last_sum += F.cross_entropy(logits[:, -1].float(), y[:, -1], reduction="sum").item()
+        windows += y.size(0)
         n = y.numel()
         loss_sum, correct, count = loss_sum + loss.item() * n, correct + acc.item() * n, count + n
     model.train(was_training)
     loss = loss_sum / count
     metrics = {"val/loss": loss, "val/acc": correct / count, "val/bpc": loss / math.log(2)}
-    metrics["val/loss_last"] = last_sum / (count / y.size(1))  # windows: every one has y.size(1) targets
+    metrics["val/loss_last"] = last_sum / windows
     return metrics, time.perf_counter() - start
