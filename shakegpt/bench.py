@@ -5,7 +5,8 @@ For each preset it times three ways of running the same model shape on the same 
 * naive   the usual PyTorch loop: fp32, eager, dropout inside attention (SDPA's math path) and on the
           residuals with `nn.Dropout`, default (per-tensor) AdamW, gradient clipping;
 * fast    shakegpt's own path through the real Lightning `Trainer`, as `train.py` runs it
-          (precision=auto, fused AdamW, byte-mask dropout, flash attention, logging to TensorBoard);
+          (precision=auto, fused AdamW whatever the preset's optimizer, byte-mask dropout, flash
+          attention, logging to TensorBoard);
 * bare    the fast model and optimizer in a plain PyTorch loop, to show what Lightning costs;
 * muon    the bare loop with `optim=muon` (Muon for the blocks' matrices, AdamW for the rest), to
           show what Muon's orthogonalization costs a step against AdamW.
@@ -26,6 +27,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -136,7 +138,9 @@ class Interleave(L.Callback):
 
 def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: int, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", *overrides])
+        # AdamW in the Lightning and bare loops whatever optimizer the preset picks (the quickstart: Muon),
+        # so that the fast/bare ratio is Lightning's cost alone and the muon loop is the one Muon step
+        cfg = compose("train", overrides=[f"model={name}", "optim=adamw", *overrides])
     mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     B, T, seed = cfg.data.batch_size, cfg.data.seq_len, cfg.seed
     precision = resolve_precision(cfg.trainer.precision, "cpu", mcfg.d_model)
@@ -308,6 +312,11 @@ def table(results: list[dict], peak_bf16: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gpu-check" in argv:  # a flow of its own (shakegpt.gpu_check), with its own options
+        from shakegpt.gpu_check import main as gpu_check
+
+        return {"archive": str(gpu_check([a for a in argv if a != "--gpu-check"]))}
     p = argparse.ArgumentParser(prog="python -m shakegpt.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default=",".join(PRESETS), help="comma-separated model presets (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="timed naive steps (default: 3; with --ablation 20)")
@@ -330,6 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--ablation",
         action="store_true",
         help="time a step of each option of `python train.py experiment=ablation` instead of the presets",
+    )
+    p.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="instead: the prepared check for a lent GPU (tests, CUDA bench, the original v2/v3 runs) "
+        "ending in one archive; its options: python -m shakegpt.bench --gpu-check --help",
     )
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides for the shape, e.g. data.batch_size=32 data.seq_len=128"

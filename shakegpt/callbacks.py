@@ -216,6 +216,20 @@ class RunCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self._last_step_written: int | None = None
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run resumed into another directory keeps the best val loss so far and where its
+        checkpoint is, so it writes a best checkpoint only when it beats that one. (Lightning forgets
+        the score when the directory changes, and would call the resumed run's first validation its
+        best.) The earlier run's files stay: ModelCheckpoint deletes only inside its own directory."""
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        self.best_model_score = state_dict["best_model_score"]
+        self.kth_best_model_path = state_dict.get("kth_best_model_path", self.kth_best_model_path)
+        self.kth_value = state_dict.get("kth_value", self.kth_value)
+        self.best_k_models = state_dict.get("best_k_models", self.best_k_models)
+        self.best_model_path = state_dict["best_model_path"]
+
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_step_written = trainer.global_step
@@ -255,6 +269,8 @@ class InterruptCheckpoint(Checkpoint):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0 or isinstance(exception, ShakeGPTError):
+            return
+        if not getattr(pl_module, "loss_was_finite", lambda: True)():  # a deferred check had not looked yet
             return
         if isinstance(exception, OSError) and exception.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES):
             return

@@ -244,6 +244,11 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
+def check_compile(value: Any) -> None:
+    if value not in ("auto", True, False) or (isinstance(value, int) and not isinstance(value, bool)):
+        raise ConfigError(f"compile={value!r} is not one of auto, true, false")
+
+
 def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True) -> None:
     """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
     the returned metric, and the run directory (writable, free space, not another run's)."""
@@ -251,6 +256,7 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     from shakegpt.model import GPTConfig
 
     check_seed(cfg.get("seed"))
+    check_compile(cfg.get("compile", "auto"))
     check_optim(_container(cfg.optim))
     check_trainer(_container(cfg.trainer))
     data = _container(cfg.data)

@@ -119,22 +119,39 @@ class RandomWindows(IterableDataset):
     seeded by (seed, r, n), so the stream is reproducible, differs across ranks, and resumes
     exactly from any batch number."""
 
-    def __init__(self, ids: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int = 0, start: int = 0):
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        start: int = 0,
+        starts_only: bool = False,
+    ):
+        """`starts_only`: yield each batch's window start offsets (B,) instead of the windows, for a
+        device to cut them from its own copy of `ids` (`cut_windows`): the same batches, built there."""
         self.ids, self.batch_size, self.seq_len = ids, batch_size, seq_len
-        self.seed, self.rank, self.start = seed, rank, start
-        self.offsets = torch.arange(seq_len + 1)
+        self.seed, self.rank, self.start, self.starts_only = seed, rank, start, starts_only
+
+    def starts(self, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_000_007 + n) % 2**63)
+        return torch.randint(len(self.ids) - self.seq_len, (self.batch_size,), generator=g)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_000_007 + n) % 2**63)
-        starts = torch.randint(len(self.ids) - self.seq_len, (self.batch_size,), generator=g)
-        w = self.ids[starts[:, None] + self.offsets].long()  # (B, T+1)
-        return w[:, :-1], w[:, 1:]
+        return cut_windows(self.ids, self.starts(n), self.seq_len)
 
     def __iter__(self):
         n = self.start
         while True:
-            yield self.batch(n)
+            yield self.starts(n) if self.starts_only else self.batch(n)
             n += 1
+
+
+def cut_windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (inputs, targets) windows of `seq_len` characters at `starts`, on the device `ids` is on."""
+    w = ids[starts[:, None] + torch.arange(seq_len + 1, device=ids.device)].long()  # (B, T+1)
+    return w[:, :-1], w[:, 1:]
 
 
 class ValWindows(Dataset):

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from shakegpt.checks import check_data
@@ -16,6 +17,7 @@ from shakegpt.corpus import (
     TINYSHAKESPEARE_URL,
     RandomWindows,
     ValWindows,
+    cut_windows,
     read_corpus,
     resolve_corpus,
     split_ids,
@@ -48,6 +50,10 @@ class CharDataModule(L.LightningDataModule):
         self.corpus_path: Path | None = None
         self.tokenizer: CharTokenizer | None = None
         self.train_ids = self.val_ids = None
+        # set by train() on a GPU (shakegpt.hardware.step_choices): the training loader yields window
+        # start offsets, and the windows are cut on the device from its copy of the training split
+        self.cut_on_device = False
+        self._device_ids: torch.Tensor | None = None
 
     def prepare_data(self) -> None:
         self.corpus_path = resolve_corpus(self.path, self.cache_dir, self.url, self.sha256)
@@ -81,8 +87,19 @@ class CharDataModule(L.LightningDataModule):
         start = 0
         if self.trainer is not None:  # after a resume, continue the batch stream where it stopped
             start = self.trainer.global_step * self.trainer.accumulate_grad_batches
-        ds = RandomWindows(self.train_ids, self.batch_size, self.seq_len, self.seed, rank, start)
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers)
+        ds = RandomWindows(
+            self.train_ids, self.batch_size, self.seq_len, self.seed, rank, start, starts_only=self.cut_on_device
+        )
+        # pinned host memory: the offsets' copy to the GPU does not wait for the steps queued before
+        pin = self.cut_on_device and torch.cuda.is_available()
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=pin)
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if self.cut_on_device and isinstance(batch, torch.Tensor) and batch.dim() == 1:  # training offsets
+            if self._device_ids is None or self._device_ids.device != device:
+                self._device_ids = self.train_ids.to(device)
+            return cut_windows(self._device_ids, batch.to(device, non_blocking=True), self.seq_len)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -30,7 +30,7 @@ class ByteDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if not self.fast or x.device.type != "cpu":
+        if not self.fast or x.device.type != "cpu" or torch.compiler.is_compiling():  # (compiled: no in-place random_)
             return F.dropout(x, self.p, True)
         n = x.numel()
         words = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), None)  # all 64 bits
@@ -46,6 +46,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     one core and is bound by reading the weight; splitting the weight's output rows into one batch
     per thread lets every core read its share (about 2x at the v3 shape on 2 cores). Other shapes,
     dtypes and devices, and anything that needs gradients, take `F.linear` unchanged."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)  # (asked first: torch.compile would break its graph at the thread count)
     out, inp = weight.shape
     k = torch.get_num_threads()
     if (

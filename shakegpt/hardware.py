@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from shakegpt.checks import check_compile
 
 # below this width a model is too small for bf16 to pay on a CPU: measured at the v1 shape
 # (d_model 32) bf16 autocast made a step 1.3x slower (its casts cost more than its matmuls save)
@@ -53,12 +56,50 @@ def resolve_precision(precision: str, accelerator: str, d_model: int) -> str:
     return auto_precision(accelerator, d_model) if precision == "auto" else precision
 
 
+def on_cuda(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` setting trains on CUDA GPUs on this machine."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def auto_precision(accelerator: str, d_model: int) -> str:
     """Lightning's `precision` for `trainer.precision=auto`: bf16 mixed precision where the hardware
     runs bf16 natively and the model is wide enough to profit, full fp32 elsewhere."""
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if on_gpu:
+    if on_cuda(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto") and cpu_has_fast_bf16() and d_model >= BF16_MIN_D_MODEL:
         return "bf16-mixed"
     return "32-true"
+
+
+@dataclass(frozen=True)
+class StepChoices:
+    """How a training step runs on the device `trainer.accelerator` picks (`step_choices`)."""
+
+    cuda: bool
+    precision: str  # Lightning's precision: bf16-mixed on a GPU with bf16, see auto_precision
+    compile: bool  # torch.compile the model's training forward
+    finite_check_every: int  # look at the loss's finiteness on the host every N steps (1: every step)
+    cut_on_device: bool  # training windows cut from a copy of the corpus on the device, not on the host
+    bar_refresh: int  # the progress bar reads the (device) loss every N steps
+
+
+def step_choices(accelerator: str, precision: str, compile: bool | str, d_model: int, log_every: int) -> StepChoices:
+    """The standard choices that make a step fastest where it runs. On CUDA: bf16 autocast (flash
+    attention follows from it: scaled_dot_product_attention picks its flash kernel for bf16),
+    fused AdamW (`shakegpt.optim`, wherever the parameters are on cpu or cuda), `torch.compile`
+    with `compile=auto`, and no host round-trip per step: the finite-loss check and the progress bar
+    read the loss only every `log_every` steps (when Lightning's logging reads it anyway), and the
+    training windows are cut on the GPU from start offsets drawn on the host. On a CPU each step
+    checks its loss at once (it costs nothing there) and is not compiled (slower on this project's
+    2-core CPU), as before."""
+    cuda = on_cuda(accelerator)
+    check_compile(compile)
+    every = max(1, int(log_every)) if cuda else 1
+    return StepChoices(
+        cuda=cuda,
+        precision=resolve_precision(precision, accelerator, d_model),
+        compile=cuda if compile == "auto" else bool(compile),
+        finite_check_every=every,
+        cut_on_device=cuda,
+        bar_refresh=every,
+    )

@@ -24,6 +24,19 @@ from shakegpt.val_pass import loss_and_accuracy
 
 LN2 = math.log(2.0)
 log = logging.getLogger(__name__)
+_DIVERGED = (
+    "training stopped; the checkpoints written before stay as they were. "
+    "Lower optim.lr, keep trainer.gradient_clip_val, or use fp32"
+)
+
+
+def _mean() -> MeanMetric:
+    """A running mean that never reads its input on the host (the default NaN check would, at every
+    update: a GPU round-trip per step). A NaN training loss is caught by LitGPT's own check."""
+    try:
+        return MeanMetric(nan_strategy="disable")
+    except ValueError:  # torchmetrics before "disable": it checks, as it always did
+        return MeanMetric()
 
 
 def _plain(v):
@@ -82,26 +95,62 @@ class LitGPT(L.LightningModule):
         self.model = GPT(self.config)
         # means over the whole val pass and over the training steps since the previous validation;
         # torchmetrics reduces (sum, weight) across DDP ranks, so each is exact over all ranks
-        self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
-        self.train_loss_avg, self.train_acc_avg = MeanMetric(), MeanMetric()
+        self.val_loss, self.val_acc = _mean(), _mean()
+        self.train_loss_avg, self.train_acc_avg = _mean(), _mean()
         self.best_val_loss = math.inf
         self._resume_rng: dict | None = None  # set by on_load_checkpoint, applied at train start
         self._tick: tuple[float, int] | None = None  # (time, step) of the last throughput reading
+        # the training forward (torch.compile'd by use_step_choices) and how often the host looks at
+        # the loss's finiteness: every step by default; on a GPU every N steps, from a flag kept there
+        self._train_forward = [self.model]  # a list: not a submodule, so not in the state dict twice
+        self.finite_check_every = 1
+        self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last look
+        self._checked_step = 0  # the step of the last look
+
+    def use_step_choices(self, compile: bool, finite_check_every: int, backend: str = "inductor") -> None:
+        """Apply `shakegpt.hardware.step_choices`: compile the training and validation forward (the
+        sampling callbacks and generation use the plain model: they run other shapes), and check
+        the loss's finiteness on the host every `finite_check_every` steps."""
+        self._train_forward = [torch.compile(self.model, backend=backend) if compile else self.model]
+        self.finite_check_every = max(1, int(finite_check_every))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
     def _loss_acc(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        return loss_and_accuracy(self.model(x), y)
+        return loss_and_accuracy(self._train_forward[0](x), y)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a non-finite training loss. Checked every step (the default, and on a CPU), it stops
+        before the bad gradients reach the weights. Checked every N steps (on a GPU, where reading the
+        loss on the host would wait for the step), a flag on the device collects the steps between, and
+        the check also runs before every checkpoint is written, so no checkpoint holds the bad weights."""
+        if self.finite_check_every == 1:
+            if not torch.isfinite(loss):
+                raise DivergedError(f"the training loss is {loss.item()} at step {self.global_step}: {_DIVERGED}")
+            return
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        if (self.global_step + 1) % self.finite_check_every == 0:
+            self.raise_if_diverged()
+
+    def raise_if_diverged(self) -> None:
+        """With the check deferred: raise if a loss since the last look was not finite."""
+        flag, self._nonfinite = self._nonfinite, None
+        since, self._checked_step = self._checked_step, self.global_step + 1
+        if flag is not None and bool(flag):
+            raise DivergedError(
+                f"the training loss was not finite at a step between {since} and {self.global_step}: {_DIVERGED}"
+            )
+
+    def loss_was_finite(self) -> bool:
+        """False if a training loss not yet looked at was not finite (its weights must not be kept)."""
+        return self._nonfinite is None or not bool(self._nonfinite)
 
     def training_step(self, batch, batch_idx):
         loss, acc = self._loss_acc(batch)
-        if not torch.isfinite(loss):  # stop before the bad gradients reach the weights
-            raise DivergedError(
-                f"the training loss is {loss.item()} at step {self.global_step}: training stopped; the checkpoints "
-                "written before stay as they were. Lower optim.lr, keep trainer.gradient_clip_val, or use fp32"
-            )
+        self._check_finite(loss)
         detached = loss.detach()
         self.log("train/loss", detached, sync_dist=True, prog_bar=True)
         self.log_dict({"train/acc": acc, "train/bpc": detached / LN2}, sync_dist=True)
@@ -125,6 +174,7 @@ class LitGPT(L.LightningModule):
             self._tick = (now, step)
 
     def on_validation_start(self):
+        self.raise_if_diverged()  # before this validation's checkpoints
         self._tick = None  # validation time is not training throughput
 
     def validation_step(self, batch, batch_idx):
@@ -168,6 +218,8 @@ class LitGPT(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._nonfinite is not None:
+            self.raise_if_diverged()  # never a checkpoint of weights a non-finite loss has touched
         checkpoint["best_val_loss"] = self.best_val_loss
         # the random state that dropout draws from, so a resumed run draws the masks it would have
         checkpoint["rng_state"] = {"torch": torch.get_rng_state()}

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import shutil
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -90,6 +91,30 @@ def summarize(run_dir: str | Path) -> dict:
         "train_seconds": round(train_end, 1),
         "seconds_to_best": round(best[2], 1),
     }
+
+
+@contextlib.contextmanager
+def run_from(path: str | Path, member: str | None = None):
+    """A run directory as it is, or the run `member` of a `python -m shakegpt.bench --gpu-check`
+    archive, unpacked into a temporary folder for as long as the block runs."""
+    path = Path(path)
+    if not path.is_file():
+        if member:
+            raise ConfigError(f"--member={member} is for an archive; {path} is not a file")
+        yield path
+        return
+    if not tarfile.is_tarfile(path):
+        raise ConfigError(f"{path} is neither a run directory nor an archive of runs")
+    with tarfile.open(path) as tar, tempfile.TemporaryDirectory(prefix="shakegpt-keep-") as tmp:
+        names = sorted({n.split("/")[1] for n in tar.getnames() if n.startswith("runs/") and n.count("/") >= 2})
+        if member not in names:
+            raise ConfigError(f"--member={member} is not a run of {path}; its runs: {', '.join(names) or 'none'}")
+        members = [m for m in tar.getmembers() if m.name.startswith(f"runs/{member}/")]
+        if any(".." in Path(m.name).parts or m.issym() or m.islnk() for m in members):
+            raise ConfigError(f"{path} holds links or paths outside its runs: not unpacked")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # refuses links and paths out of tmp
+        tar.extractall(tmp, members=members, **safe)
+        yield Path(tmp) / "runs" / member
 
 
 def keep(
@@ -467,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m shakegpt.results", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("keep", help="copy a run's small artifacts into the reference folder")
-    k.add_argument("run_dir")
+    k.add_argument("run_dir", help="a run directory, or a `bench --gpu-check` archive with --member")
+    k.add_argument("--member", default=None, help="with an archive: the run in it, e.g. v3-original")
     k.add_argument("--name", required=True, help="e.g. v3-original, v3-improved (the part before '-' names the preset)")
     k.add_argument("--command", required=True, help="the command that made the run, quoted in the README")
     k.add_argument("--note", default="", help="anything a reader must know, e.g. where the run was stopped")
@@ -498,7 +524,8 @@ def main(argv: list[str] | None = None) -> None:
             plot_ablation(args.sweep_dir, args.out)
             print(f"written: {args.out}")
     elif args.cmd == "keep":
-        dest = keep(args.run_dir, args.name, args.command, args.root, args.note, overwrite=args.force)
+        with run_from(args.run_dir, args.member) as run_dir:
+            dest = keep(run_dir, args.name, args.command, args.root, args.note, overwrite=args.force)
         print(json.dumps(json.loads((dest / "metrics.json").read_text()), indent=2))
         print(f"kept in {dest}")
     elif args.cmd == "table":

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout
@@ -27,7 +27,7 @@ from shakegpt.configs import CONF_DIR
 from shakegpt.console import FILE_ONLY, header, summary
 from shakegpt.errors import ShakeGPTError, TrainingFailed
 from shakegpt.failures import describe_failure, report_lost_ranks
-from shakegpt.hardware import physical_cores, resolve_precision
+from shakegpt.hardware import physical_cores, step_choices
 from shakegpt.hparams import differing, hparams_of, param_counts
 from shakegpt.module import LitGPT
 from shakegpt.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
@@ -67,9 +67,25 @@ def train(
         ckpt_path = check_resumable(
             cfg.ckpt_path, module.config, cfg.trainer.max_steps, module.hparams.vocab, module.hparams.name
         )
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator, module.config.d_model)
+    fast = step_choices(
+        cfg.trainer.accelerator,
+        cfg.trainer.precision,
+        cfg.get("compile", "auto"),
+        module.config.d_model,
+        cfg.trainer.get("log_every_n_steps", 50),
+    )
+    precision = fast.precision
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
+    if fast.cuda:
+        log.info(
+            "on CUDA: torch.compile %s, the loss read every %d steps, training windows cut on the GPU",
+            "on" if fast.compile else "off",
+            fast.finite_check_every,
+            extra=FILE_ONLY,
+        )
+    module.use_step_choices(fast.compile, fast.finite_check_every)
+    datamodule.cut_on_device = fast.cut_on_device
     if "OMP_NUM_THREADS" not in os.environ:  # DDP sets it to cores / processes
         torch.set_num_threads(physical_cores())
     params = hparams_of(cfg, choices) | param_counts(module.model, cfg.data.seq_len) | {"trainer.precision": precision}
@@ -79,6 +95,9 @@ def train(
     for switch, kind in (("enable_progress_bar", ProgressBar), ("enable_checkpointing", Checkpoint)):
         if not cfg.trainer.get(switch, True):
             callbacks = [c for c in callbacks if not isinstance(c, kind)]
+    for bar in callbacks:  # each refresh reads the loss: on a GPU, a wait for the step to finish
+        if isinstance(bar, TQDMProgressBar) and 0 < bar.refresh_rate < fast.bar_refresh:
+            bar._refresh_rate = fast.bar_refresh
     callbacks += [HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name), ScalarsLayout()]
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     extra = {}

@@ -91,7 +91,7 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     # fp32, so that the val loss can be compared with a hand computation to 1e-5
     cfg = compose_cfg(out, "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.precision=32-true")
-    metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "learned"})
+    metrics = train(cfg, {"model": "quickstart", "model/pos_encoding": "rope"})
     return out, cfg, metrics
 
 

@@ -289,7 +289,8 @@ def test_recipe_combinations_train_and_sample(make_cfg, overrides, tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("model/norm", "rmsnorm"), ("model/mlp", "relu2"), ("model.qk_norm", "true"), ("model.logit_softcap", "30")],
+    # each against the quickstart's own choice (layernorm, relu2, QK-norm on, no soft-cap)
+    [("model/norm", "rmsnorm"), ("model/mlp", "gelu"), ("model.qk_norm", "false"), ("model.logit_softcap", "30")],
 )
 def test_resuming_with_another_norm_or_mlp_is_refused_even_with_the_same_shapes(make_cfg, trained_run, key, value):
     ckpt = trained_run[0] / "checkpoints" / "last.ckpt"

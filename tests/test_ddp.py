@@ -87,6 +87,9 @@ def test_when_one_rank_dies_the_other_exits_soon(tmp_path):
     proc = start_training(out, "trainer.devices=2", "trainer.max_steps=100000", "trainer.val_check_interval=5")
     try:
         wait_for_log(out, "- step 5/")  # training under way on both ranks: the first validation
+        deadline = time.monotonic() + 60  # ... and its checkpoint written (after the log line)
+        while not (out / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         assert children, "rank 1 was not found among rank 0's child processes"
         for pid in children:  # Lightning starts rank 1 as a child of rank 0

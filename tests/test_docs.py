@@ -85,3 +85,16 @@ def test_the_configuration_reference_names_every_key(section, config, variants):
     documented = _documented(section)
     assert keys - documented == set(), f"keys missing from docs/configuration.md ({section})"
     assert documented - keys == set(), f"docs/configuration.md names keys the config lacks ({section})"
+
+
+def test_every_comparison_with_nanogpt_says_how_each_measures_val_loss():
+    """nanoGPT averages random batches of the val split, shakegpt passes over all of it: wherever a
+    page quotes one of nanoGPT's val losses, the same section says so."""
+    quoted = 0
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for section in re.split(r"\n(?=#)", page.read_text()):
+            if "1.4697" in section or "1.8857" in section:
+                quoted += 1
+                text = " ".join(section.split())
+                assert "random batches" in text and "whole validation split" in text, (page.name, section[:80])
+    assert quoted >= 5

@@ -38,7 +38,7 @@ def test_data_notebook():
 
 def test_model_notebook():
     out = run_notebook("02_model.ipynb")
-    assert "quickstart      418,944" in out  # exact parameter count next to the original runs' formula
+    assert "quickstart      410,752" in out  # exact parameter count next to the original runs' formula
     assert "trained 20 steps" in out
 
 

@@ -57,8 +57,8 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
     params, metric_tags = hparams(ea)
     assert "val/loss_best" in metric_tags and "hp_metric" not in tags
     assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
-    assert params["model.bias"] is False and params["model.pos_encoding"] == "learned"  # as themselves
-    assert params["params_exact"] == 414_848 and params["params_original_formula"] > 0
+    assert params["model.bias"] is False and params["model.pos_encoding"] == "rope"  # as themselves
+    assert params["params_exact"] == 410_752 and params["params_original_formula"] > 0
     samples = texts(ea, "sample/text_summary")
     assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
 
@@ -129,12 +129,12 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "T+ 0:00:0" in log and "- step 4/4: train loss " in log and "; t_remain 0:00:00" in log
-    assert "parameters: 414,848 exact" in log  # quickstart with a 32-position table: the details in the log
+    assert "parameters: 410,752 exact" in log  # quickstart (RoPE: no position table): the details in the log
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     # the terminal: a short header, the log line without a prefix, the sample, where the run is
     lines = r.stdout.splitlines()
     assert lines[:3] == [
-        "model    quickstart: 414,848 parameters (455,168 by the original runs' formula)",
+        "model    quickstart: 410,752 parameters (451,072 by the original runs' formula)",
         f"data     {TINY.name}: {len(TINY.read_text()):,} characters, 55 distinct",
         f"device   1 x cpu, {'bf16-mixed' if cpu_has_fast_bf16() else '32-true'}",
     ]

@@ -1,0 +1,377 @@
+"""`python -m shakegpt.bench --gpu-check`: everything a lent GPU should run, in one go.
+
+On one CUDA GPU, within a budget of running time (`--minutes`, default 5, so that a rerun fits in a
+short loan), writing into `--out` as it goes:
+
+1. `env.json`: the GPU, the torch and CUDA versions, and the measured bf16 matmul peak;
+2. `runs/v2-original`, `runs/v3-original`: the original v2 and v3 recipes,
+   `python train.py model=v2|v3 trainer.accelerator=gpu`, to their full step counts (7,270 and
+   7,657), both at once (two small models share the GPU), each stopped by `trainer.max_time` if the
+   budget runs out; each keeps its small results (events, config, log, sample), not its checkpoints;
+3. `pytest-gpu.txt`: `pytest -m gpu` (the GPU tests), while the runs train;
+4. `bench-gpu.json`: once the runs are done, for v1, v2, v3 and nanogpt, eager and compiled: time
+   per training step of a bare loop (bf16 autocast, fused AdamW), tokens/s and MFU against the
+   measured peak; and at v3, eager, the step through Lightning's Trainer, alone and with DDP on
+   one device, to say what each adds.
+
+After each part the archive `gpu-check.tar.gz` in `--out` is written again, so a check cut short
+still leaves what it finished. `python -m shakegpt.results keep <out>/gpu-check.tar.gz --member
+v3-original --name v3-gpu --command "python train.py …"` keeps a run from it.
+
+`--dry-run` runs the same flow on the CPU at tiny sizes (the tiny corpus, a few steps, and
+torch.compile with its eager backend instead of generating kernels), so the flow is tested anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ARCHIVE = "gpu-check.tar.gz"
+RUNS = {"v2-original": ["model=v2"], "v3-original": ["model=v3"]}
+BENCH_PRESETS = ("v1", "v2", "v3", "nanogpt")
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "tests" / "fixtures" / "tiny_corpus.txt"
+# the dry run's sizes: every preset shrunk to seconds on a CPU
+DRY_DATA = ["data.batch_size=4", "data.seq_len=32"]
+DRY_RUN = [*DRY_DATA, "trainer.max_steps=4", "trainer.val_check_interval=2", "sample.num_chars=20"]
+DRY_RUN += ["callbacks.text_sample.num_chars=20", "trainer.log_every_n_steps=1"]
+
+log = logging.getLogger(__name__)
+
+
+class Check:
+    """The folder results go to, the budget's clock, and the archive rewritten after each part."""
+
+    def __init__(self, out: Path, minutes: float, dry_run: bool, data: Path):
+        self.out, self.dry_run, self.data = out, dry_run, data
+        self.deadline = time.monotonic() + 60 * minutes
+        self.device = "cpu" if dry_run else "cuda"
+        out.mkdir(parents=True, exist_ok=True)
+        self.progress = out / "progress.txt"
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def say(self, line: str) -> None:
+        stamped = f"[{time.strftime('%H:%M:%S')}] {line}"
+        print(stamped, flush=True)
+        with self.progress.open("a") as f:
+            f.write(stamped + "\n")
+
+    def write_json(self, name: str, data: dict) -> None:
+        (self.out / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    def archive(self) -> Path:
+        path = self.out / ARCHIVE
+        tmp = path.with_suffix(".tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            for p in sorted(self.out.rglob("*")):
+                rel = p.relative_to(self.out)
+                if rel.name in (ARCHIVE, tmp.name) or "checkpoints" in rel.parts or p.is_dir():
+                    continue
+                try:  # a run still training writes and replaces its files meanwhile
+                    tar.add(p, arcname=str(rel), recursive=False)
+                except FileNotFoundError:
+                    continue
+        tmp.replace(path)
+        return path
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device`: the mean of `reps` after three warm-ups."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def environment(check: Check) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if check.device == "cuda" else platform.processor() or "cpu",
+        "dry_run": check.dry_run,
+    }
+    env["bf16_peak_flops"] = matmul_peak(
+        check.device, n=512 if check.dry_run else 8192, reps=2 if check.dry_run else 10
+    )
+    return env
+
+
+def start_runs(check: Check) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """The original v2 and v3 recipes, started at once as `python -m shakegpt` processes."""
+    runs = {}
+    # leave time for the bench and the archive: the runs stop by max_time at the latest
+    limit = max(60, int(check.left() - (20 if check.dry_run else 100)))
+    for name, overrides in RUNS.items():
+        run_dir = check.out / "runs" / name
+        args = [
+            *overrides,
+            f"trainer.accelerator={'cpu' if check.dry_run else 'gpu'}",
+            "trainer.enable_progress_bar=false",
+            f"+trainer.max_time=00:{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}",
+            *(DRY_RUN if check.dry_run else []),
+        ]
+        cmd = [sys.executable, "-m", "shakegpt", *args, f"hydra.run.dir={run_dir}"]
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        # the corpus through the environment, so that the run's overrides (its kept command) name no local path
+        env = os.environ | {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "SHAKEGPT_DATA": str(Path(check.data).resolve()),
+        }
+        with (run_dir.parent / f"{name}.out").open("w") as out:
+            runs[name] = (subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env), run_dir)
+        check.say(f"started {name}: python train.py {' '.join(args)}")
+    return runs
+
+
+def finish_runs(check: Check, runs: dict[str, tuple[subprocess.Popen, Path]]) -> dict:
+    from shakegpt.results import summarize
+
+    results = {}
+    for name, (proc, run_dir) in runs.items():
+        try:
+            rc = proc.wait(timeout=max(1, check.left()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # large, and not what is kept
+        try:
+            results[name] = {"returncode": rc, **summarize(run_dir)}
+        except Exception as e:  # a run that never validated: say so, keep going
+            results[name] = {"returncode": rc, "error": str(e)}
+        check.say(f"{name}: {results[name]}")
+    return results
+
+
+def gpu_tests(check: Check) -> dict:
+    tests = REPO / "tests" / "test_gpu.py"
+    if not tests.is_file():
+        return {"skipped": f"{tests} is not here (the GPU tests run from a checkout)"}
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(tests)]
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(30, check.left()))
+    except subprocess.TimeoutExpired as e:
+        (check.out / "pytest-gpu.txt").write_text(f"{e.output or ''}{e.stderr or ''}\nstopped: the time budget ran out")
+        return {"returncode": None, "summary": "stopped: the time budget ran out"}
+    (check.out / "pytest-gpu.txt").write_text(r.stdout + r.stderr)
+    last = (r.stdout.strip().splitlines() or ["(no output)"])[-1]
+    check.say(f"pytest -m gpu: {last}")
+    return {"returncode": r.returncode, "summary": last, "seconds": round(time.perf_counter() - t, 1)}
+
+
+def _compose(preset: str, extra: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from shakegpt.configs import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=[f"model={preset}", "optim=adamw", *extra])
+
+
+def bare_step_seconds(cfg, device: str, compiled: bool, backend: str, steps: int, warmup: int, ids) -> float:
+    """Median seconds of a plain training step (bf16 autocast where the device has it, fused AdamW,
+    clipping), a sync after each."""
+    from omegaconf import OmegaConf
+
+    from shakegpt.corpus import RandomWindows, cut_windows
+    from shakegpt.model import GPT, GPTConfig
+    from shakegpt.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))).to(device)
+    opt = build_optimizer(model, "adamw", cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    forward = torch.compile(model, backend=backend) if compiled else model
+    windows = RandomWindows(ids, cfg.data.batch_size, cfg.data.seq_len, cfg.seed, starts_only=True)
+    dev_ids = ids.to(device)
+    times = []
+    for n in range(warmup + steps):
+        t = time.perf_counter()
+        x, y = cut_windows(dev_ids, windows.starts(n).to(device), cfg.data.seq_len)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[warmup:])
+
+
+def lightning_step_seconds(cfg, device: str, strategy: str, steps: int, warmup: int, data: Path) -> float:
+    """Median seconds between training steps of Lightning's Trainer (eager, with the GPU's other
+    choices), a device sync at each: against the eager bare loop, what Lightning (and DDP) add."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from shakegpt.data import CharDataModule
+    from shakegpt.module import LitGPT
+
+    times: list[float] = []
+
+    class Clock(L.Callback):
+        last = None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            sync(device)
+            now = time.perf_counter()
+            if self.last is not None:
+                times.append(now - self.last)
+            self.last = now
+
+    dm = CharDataModule(path=str(data), batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len, seed=cfg.seed)
+    dm.setup("fit")
+    dm.cut_on_device = device == "cuda"
+    module = LitGPT(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        vocab=dm.tokenizer.chars,
+        **OmegaConf.to_container(cfg.optim, resolve=True),
+    )
+    module.use_step_choices(compile=False, finite_check_every=50 if device == "cuda" else 1)
+    trainer = L.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed" if device == "cuda" else "32-true",
+        max_steps=warmup + steps + 1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Clock()],
+        gradient_clip_val=1.0,
+    )
+    trainer.fit(module, datamodule=dm)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return statistics.median(times[warmup:])
+
+
+def bench(check: Check) -> dict:
+    from omegaconf import OmegaConf
+
+    from shakegpt.bench import flops_per_step
+    from shakegpt.data import CharDataModule
+    from shakegpt.model import GPTConfig
+
+    peak = json.loads((check.out / "env.json").read_text())["bf16_peak_flops"]
+    backend = "eager" if check.dry_run else "inductor"
+    steps, warmup = (2, 1) if check.dry_run else (20, 5)
+    extra = DRY_DATA if check.dry_run else []
+    results: dict = {"peak_bf16_flops": peak, "presets": {}, "note": "ms per step, a device sync after each step"}
+    cfgs = {preset: _compose(preset, extra) for preset in BENCH_PRESETS}
+    dm = CharDataModule(path=str(check.data), seq_len=max(c.data.seq_len for c in cfgs.values()))
+    dm.setup("fit")
+    ids = dm.train_ids
+    # eager first (quick), then what Lightning and DDP add at v3, then compiled (each preset compiles for
+    # tens of seconds): a budget that runs out leaves the most figures
+    for compiled in (False, True):
+        kind = "compiled" if compiled else "eager"
+        for preset, cfg in cfgs.items():
+            row = results["presets"].setdefault(preset, {})
+            if check.left() < 15:
+                row[kind] = "skipped: the time budget ran out"
+                continue
+            mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+            s = bare_step_seconds(cfg, check.device, compiled, backend, steps, warmup, ids)
+            row[kind] = {
+                "ms_per_step": round(1000 * s, 3),
+                "tokens_per_s": round(cfg.data.batch_size * cfg.data.seq_len / s),
+                "mfu": round(flops_per_step(mcfg, cfg.data.batch_size, cfg.data.seq_len) / s / peak, 4),
+            }
+            check.say(f"bench {preset} {kind}: {row[kind]}")
+            check.write_json("bench-gpu.json", results)
+        if compiled:
+            break
+        for strategy in ("auto", "ddp"):  # eager, against the eager bare loop above
+            key = f"lightning_{strategy}_v3_ms_per_step"
+            if check.left() < 20:
+                results[key] = "skipped: the time budget ran out"
+                continue
+            s = lightning_step_seconds(cfgs["v3"], check.device, strategy, steps, warmup, check.data)
+            results[key] = round(1000 * s, 3)
+            check.say(f"bench v3 through Lightning (strategy={strategy}, eager): {1000 * s:.2f} ms per step")
+            check.write_json("bench-gpu.json", results)
+    return results
+
+
+def run_check(out: str | Path, minutes: float = 5.0, dry_run: bool = False, data: str | Path | None = None) -> Path:
+    """The whole check; returns the archive's path."""
+    from shakegpt.corpus import resolve_corpus
+
+    if (Path(out) / "progress.txt").exists():
+        raise SystemExit(
+            f"error: --out={out} holds an earlier check (its progress.txt); choose another folder or remove it"
+        )
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit(
+            "error: --gpu-check needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run runs it on the CPU"
+        )
+    warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_float32_matmul_precision("high")
+    check = Check(Path(out), minutes, dry_run, Path(data) if data else TINY if dry_run else resolve_corpus())
+    summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_minutes": minutes}
+    summary["env"] = environment(check)
+    check.write_json("env.json", summary["env"])
+    check.say(f"env: {summary['env']}")
+    runs = start_runs(check)
+    summary["gpu_tests"] = gpu_tests(check)
+    check.write_json("summary.json", summary)
+    check.archive()
+    summary["runs"] = finish_runs(check, runs)
+    check.write_json("summary.json", summary)
+    check.archive()
+    try:
+        summary["bench"] = bench(check)
+    except Exception as e:  # the runs' results are kept whatever the bench does
+        summary["bench"] = {"error": f"{type(e).__name__}: {e}"}
+        check.say(f"bench failed: {e}")
+    summary["seconds"] = round(60 * minutes - check.left(), 1)
+    check.write_json("summary.json", summary)
+    path = check.archive()
+    check.say(f"done in {summary['seconds']:.0f} s: {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m shakegpt.bench --gpu-check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="gpu-check", help="folder for the results and the archive (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=5.0, help="running-time budget (default: %(default)s)")
+    p.add_argument("--data", default=None, help="corpus path (default: $SHAKEGPT_DATA, the cache, or download)")
+    p.add_argument("--dry-run", action="store_true", help="the whole flow on the CPU at tiny sizes")
+    args = p.parse_args(argv)
+    if args.minutes <= 0:
+        p.error(f"--minutes={args.minutes} must be > 0")
+    return run_check(args.out, args.minutes, args.dry_run, args.data)
