@@ -6,8 +6,10 @@ short loan), writing into `--out` as it goes:
 1. `env.json`: the GPU, the torch and CUDA versions, and the measured bf16 matmul peak;
 2. `runs/v2-original`, `runs/v3-original`: the original v2 and v3 recipes,
    `python train.py model=v2|v3 trainer.accelerator=gpu`, to their full step counts (7,270 and
-   7,657), both at once (two small models share the GPU), each stopped by `trainer.max_time` if the
-   budget runs out; each keeps its small results (events, config, log, sample), not its checkpoints;
+   7,657), and `runs/v2-seqnorm`, `runs/v3-seqnorm`: the same with the original runs' own norm
+   (`model/norm=seq_layernorm`); all at once (small models share the GPU; `--runs` picks fewer),
+   each stopped by `trainer.max_time` if the budget runs out; each keeps its small results (events,
+   config, log, sample), not its checkpoints;
 3. `pytest-gpu.txt`: `pytest -m gpu` (the GPU tests), while the runs train;
 4. `bench-gpu.json`: once the runs are done, for v1, v2, v3 and nanogpt, eager and compiled: time
    per training step of a bare loop (bf16 autocast, fused AdamW), tokens/s and MFU against the
@@ -41,7 +43,13 @@ import torch
 import torch.nn.functional as F
 
 ARCHIVE = "gpu-check.tar.gz"
-RUNS = {"v2-original": ["model=v2"], "v3-original": ["model=v3"]}
+# the original v2 and v3 recipes as configured (causal), and with the original runs' own norm
+RUNS = {
+    "v2-original": ["model=v2"],
+    "v3-original": ["model=v3"],
+    "v2-seqnorm": ["model=v2", "model/norm=seq_layernorm"],
+    "v3-seqnorm": ["model=v3", "model/norm=seq_layernorm"],
+}
 BENCH_PRESETS = ("v1", "v2", "v3", "nanogpt")
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "tiny_corpus.txt"
@@ -123,12 +131,13 @@ def environment(check: Check) -> dict:
     return env
 
 
-def start_runs(check: Check) -> dict[str, tuple[subprocess.Popen, Path]]:
-    """The original v2 and v3 recipes, started at once as `python -m shakegpt` processes."""
+def start_runs(check: Check, names: list[str]) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """The runs `names` (of RUNS), started at once as `python -m shakegpt` processes."""
     runs = {}
     # leave time for the bench and the archive: the runs stop by max_time at the latest
     limit = max(60, int(check.left() - (20 if check.dry_run else 100)))
-    for name, overrides in RUNS.items():
+    for name in names:
+        overrides = RUNS[name]
         run_dir = check.out / "runs" / name
         args = [
             *overrides,
@@ -323,7 +332,13 @@ def bench(check: Check) -> dict:
     return results
 
 
-def run_check(out: str | Path, minutes: float = 5.0, dry_run: bool = False, data: str | Path | None = None) -> Path:
+def run_check(
+    out: str | Path,
+    minutes: float = 5.0,
+    dry_run: bool = False,
+    data: str | Path | None = None,
+    runs: list[str] | None = None,
+) -> Path:
     """The whole check; returns the archive's path."""
     from shakegpt.corpus import resolve_corpus
 
@@ -344,7 +359,7 @@ def run_check(out: str | Path, minutes: float = 5.0, dry_run: bool = False, data
     summary["env"] = environment(check)
     check.write_json("env.json", summary["env"])
     check.say(f"env: {summary['env']}")
-    runs = start_runs(check)
+    runs = start_runs(check, list(RUNS) if runs is None else runs)
     summary["gpu_tests"] = gpu_tests(check)
     check.write_json("summary.json", summary)
     check.archive()
@@ -371,7 +386,16 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--minutes", type=float, default=5.0, help="running-time budget (default: %(default)s)")
     p.add_argument("--data", default=None, help="corpus path (default: $SHAKEGPT_DATA, the cache, or download)")
     p.add_argument("--dry-run", action="store_true", help="the whole flow on the CPU at tiny sizes")
+    p.add_argument(
+        "--runs",
+        default=",".join(RUNS),
+        help="the training runs, all at once (default: %(default)s; '' for none)",
+    )
     args = p.parse_args(argv)
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        p.error(f"--runs: unknown run(s) {', '.join(unknown)}; choose among {', '.join(RUNS)}")
     if args.minutes <= 0:
         p.error(f"--minutes={args.minutes} must be > 0")
-    return run_check(args.out, args.minutes, args.dry_run, args.data)
+    return run_check(args.out, args.minutes, args.dry_run, args.data, runs)

@@ -218,7 +218,7 @@ def test_the_gpu_check_runs_dry_on_a_cpu_into_an_archive_that_keep_accepts(tmp_p
     assert {"env.json", "summary.json", "bench-gpu.json", "pytest-gpu.txt", "progress.txt"} <= names
     assert not any("/checkpoints" in n for n in names)  # the small results only
     summary = json.loads((out / "summary.json").read_text())
-    for run in ("v2-original", "v3-original"):
+    for run in ("v2-original", "v3-original", "v2-seqnorm", "v3-seqnorm"):
         assert summary["runs"][run]["returncode"] == 0 and summary["runs"][run]["steps"] == 4, summary["runs"]
     bench = summary["bench"]
     for preset in ("v1", "v2", "v3", "nanogpt"):
@@ -241,7 +241,10 @@ def test_the_gpu_check_runs_dry_on_a_cpu_into_an_archive_that_keep_accepts(tmp_p
     )
     kept = json.loads((root / "v3-gpu" / "metrics.json").read_text())
     assert kept["steps"] == 4 and kept["command"] == command and (root / "v3-gpu" / "sample.txt").is_file()
-    with pytest.raises(SystemExit, match="--member=v4-original is not a run of .*; its runs: v2-original, v3-original"):
+    with pytest.raises(
+        SystemExit,
+        match="--member=v4-original is not a run of .*; its runs: v2-original, v2-seqnorm, v3-original, v3-seqnorm",
+    ):
         results_main(
             ["keep", str(archive), "--member", "v4-original", "--name", "x", "--command", "c", "--root", str(root)]
         )
