@@ -266,6 +266,7 @@ class LitGPT(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
+        self._checked_step = self.global_step  # a resumed run's first look covers its own steps only
         # restored here, after Lightning's own setup has drawn from the generator
         rng, self._resume_rng = self._resume_rng, None
         if rng:
