@@ -181,10 +181,26 @@ def test_the_original_log_line_and_its_width():
             "error: model.d_model=128 is not divisible by model.n_head=5; pick n_head among the divisors of 128",
             [],
         ),
-        (["+model.heads=8"], "error: unknown model config key(s) ['heads']; known keys: [", []),
+        # the others cost a subprocess each too (~7 s): run with the slow tests
+        pytest.param(
+            ["+model.heads=8"],
+            "error: unknown model config key(s) ['heads']; known keys: [",
+            [],
+            marks=pytest.mark.slow,
+        ),
         # Hydra's own composition errors: they name the value and list what is accepted
-        (["model=v4"], None, ["Could not find 'model/v4'", "Available options in 'model'", "quickstart"]),
-        (["model.heads=8"], None, ["Could not override 'model.heads'", "Key 'heads' is not in struct"]),
+        pytest.param(
+            ["model=v4"],
+            None,
+            ["Could not find 'model/v4'", "Available options in 'model'", "quickstart"],
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["model.heads=8"],
+            None,
+            ["Could not override 'model.heads'", "Key 'heads' is not in struct"],
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_command_line_mistakes_are_named_and_leave_no_run_directory(tmp_path, args, last_line, also):
