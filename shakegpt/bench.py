@@ -41,7 +41,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from shakegpt.configs import CONF_DIR
-from shakegpt.corpus import RandomWindows
+from shakegpt.corpus import RandomWindows, cut_windows
 from shakegpt.data import CharDataModule
 from shakegpt.generate import stream
 from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
@@ -53,15 +53,23 @@ from shakegpt.val_pass import full_val_pass
 PRESETS = ("v1", "v2", "v3", "nanogpt")
 
 
-def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 3) -> float:
-    """Best measured FLOP/s of a square matmul in `dtype` (the MFU denominator)."""
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a GPU's steps run after the host has moved on)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 3072), reps: int = 3, device: str = "cpu") -> float:
+    """Best measured FLOP/s of a square matmul in `dtype` on `device` (the MFU denominator)."""
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up: oneDNN picks its kernel on the first call
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        a @ b  # warm-up: oneDNN (cuBLAS) picks its kernel on the first call
+        sync(device)
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
     return best
 
@@ -82,7 +90,10 @@ class Loop:
         autocast: bool,
         clip: float | None,
         sched=None,
+        device: str = "cpu",
     ):
+        """On a GPU (`device="cuda"`) the windows are cut there, as training does, and each step
+        ends with a sync so that its time is the device's."""
         self.model, self.opt, self.windows, self.autocast, self.clip, self.sched = (
             model,
             opt,
@@ -91,12 +102,17 @@ class Loop:
             clip,
             sched,
         )
+        self.device = device
+        self.ids = windows.ids.to(device)
         self.n, self.times = 0, []
 
     def step(self) -> None:
         t = time.perf_counter()
-        x, y = self.windows.batch(self.n)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        if self.device == "cpu":
+            x, y = self.windows.batch(self.n)
+        else:
+            x, y = cut_windows(self.ids, self.windows.starts(self.n).to(self.device), self.windows.seq_len)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.autocast):
             loss = F.cross_entropy(self.model(x).flatten(0, 1).float(), y.flatten())
         loss.backward()
         if self.clip:
@@ -105,6 +121,7 @@ class Loop:
         if self.sched is not None:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        sync(self.device)
         self.n += 1
         self.times.append(time.perf_counter() - t)
 

@@ -40,7 +40,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from shakegpt.bench import Loop, matmul_peak, sync
 
 ARCHIVE = "gpu-check.tar.gz"
 # the original v2 and v3 recipes as configured (causal), and with the original runs' own norm
@@ -99,24 +100,6 @@ class Check:
         return path
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak(device: str, dtype=torch.bfloat16, n: int = 8192, reps: int = 10) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` on `device`: the mean of `reps` after three warm-ups."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
-
-
 def environment(check: Check) -> dict:
     env = {
         "torch": torch.__version__,
@@ -125,9 +108,8 @@ def environment(check: Check) -> dict:
         "device": torch.cuda.get_device_name(0) if check.device == "cuda" else platform.processor() or "cpu",
         "dry_run": check.dry_run,
     }
-    env["bf16_peak_flops"] = matmul_peak(
-        check.device, n=512 if check.dry_run else 8192, reps=2 if check.dry_run else 10
-    )
+    size = 512 if check.dry_run else 8192
+    env["bf16_peak_flops"] = matmul_peak(torch.bfloat16, (size,), reps=2 if check.dry_run else 10, device=check.device)
     return env
 
 
@@ -205,11 +187,11 @@ def _compose(preset: str, extra: list[str]):
 
 
 def bare_step_seconds(cfg, device: str, compiled: bool, backend: str, steps: int, warmup: int, ids) -> float:
-    """Median seconds of a plain training step (bf16 autocast where the device has it, fused AdamW,
-    clipping), a sync after each."""
+    """Median seconds of a plain training step (bench.Loop: bf16 autocast where the device has it,
+    fused AdamW, clipping), a sync after each."""
     from omegaconf import OmegaConf
 
-    from shakegpt.corpus import RandomWindows, cut_windows
+    from shakegpt.corpus import RandomWindows
     from shakegpt.model import GPT, GPTConfig
     from shakegpt.optim import build_optimizer
 
@@ -217,21 +199,11 @@ def bare_step_seconds(cfg, device: str, compiled: bool, backend: str, steps: int
     model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))).to(device)
     opt = build_optimizer(model, "adamw", cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     forward = torch.compile(model, backend=backend) if compiled else model
-    windows = RandomWindows(ids, cfg.data.batch_size, cfg.data.seq_len, cfg.seed, starts_only=True)
-    dev_ids = ids.to(device)
-    times = []
-    for n in range(warmup + steps):
-        t = time.perf_counter()
-        x, y = cut_windows(dev_ids, windows.starts(n).to(device), cfg.data.seq_len)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[warmup:])
+    windows = RandomWindows(ids, cfg.data.batch_size, cfg.data.seq_len, cfg.seed)
+    loop = Loop(forward, opt, windows, autocast=device == "cuda", clip=1.0, device=device)
+    for _ in range(warmup + steps):
+        loop.step()
+    return statistics.median(loop.times[warmup:])
 
 
 def lightning_step_seconds(cfg, device: str, strategy: str, steps: int, warmup: int, data: Path) -> float:

@@ -78,9 +78,8 @@ class StepChoices:
     cuda: bool
     precision: str  # Lightning's precision: bf16-mixed on a GPU with bf16, see auto_precision
     compile: bool  # torch.compile the model's training forward
-    finite_check_every: int  # look at the loss's finiteness on the host every N steps (1: every step)
+    finite_check_every: int  # read the loss on the host every N steps (1: every step): its finiteness, the bar
     cut_on_device: bool  # training windows cut from a copy of the corpus on the device, not on the host
-    bar_refresh: int  # the progress bar reads the (device) loss every N steps
 
 
 def step_choices(accelerator: str, precision: str, compile: bool | str, d_model: int, log_every: int) -> StepChoices:
@@ -101,5 +100,4 @@ def step_choices(accelerator: str, precision: str, compile: bool | str, d_model:
         compile=cuda if compile == "auto" else bool(compile),
         finite_check_every=every,
         cut_on_device=cuda,
-        bar_refresh=every,
     )

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import shutil
+import statistics
 import tarfile
 import tempfile
 from pathlib import Path
@@ -107,6 +108,8 @@ def run_from(path: str | Path, member: str | None = None):
         raise ConfigError(f"{path} is neither a run directory nor an archive of runs")
     with tarfile.open(path) as tar, tempfile.TemporaryDirectory(prefix="shakegpt-keep-") as tmp:
         names = sorted({n.split("/")[1] for n in tar.getnames() if n.startswith("runs/") and n.count("/") >= 2})
+        if member is None:
+            raise ConfigError(f"{path} is an archive: name the run to keep with --member, one of {', '.join(names)}")
         if member not in names:
             raise ConfigError(f"--member={member} is not a run of {path}; its runs: {', '.join(names) or 'none'}")
         members = [m for m in tar.getmembers() if m.name.startswith(f"runs/{member}/")]
@@ -267,10 +270,6 @@ def ablation_runs(sweep_dir: str | Path) -> dict[str, list[dict]]:
     return runs
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _what(option: str) -> str:
     """The description at the top of conf/ablation/<option>.yaml, as one line."""
     from shakegpt.configs import CONF_DIR
@@ -302,7 +301,7 @@ def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> st
     done = [r["best"] for r in runs["base"] if r["best"] is not None and r["steps"] == steps]
     if not done:
         raise ConfigError(f"no base job of {sweep_dir} ran to step {steps:,}: nothing to compare with")
-    base = _mean(done)  # the same complete runs as the base row's mean
+    base = statistics.mean(done)  # the same complete runs as the base row's mean
     head = "| change | what it is | best val loss by seed | mean | spread | vs base |"
     rows = [head + (" step time vs base |" if ratios else ""), "|---" * (6 + bool(ratios)) + "|"]
     for option, rs in runs.items():
@@ -312,7 +311,7 @@ def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> st
         if stopped:
             by_seed += f" ({stopped} stopped before step {steps:,}: not in the mean)"
         if bests:
-            mean, spread = _mean(bests), max(bests) - min(bests)
+            mean, spread = statistics.mean(bests), max(bests) - min(bests)
             cells = [f"{mean:.4f}", f"{spread:.4f}", "—" if option == "base" else f"{mean - base:+.4f}"]
         else:
             cells = ["—", "—", "—"]
@@ -359,7 +358,7 @@ def plot_ablation(sweep_dir: str | Path, out: str | Path | None = None):
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not steps:
             continue
-        mean = [_mean([c[s] for c in curves]) for s in steps]
+        mean = [statistics.mean([c[s] for c in curves]) for s in steps]
         style = dict(color="black", linewidth=2.2) if option == "base" else dict(color=next(colours), linewidth=1.2)
         label = f"{option} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
         for ax in (full, zoom):

@@ -96,8 +96,8 @@ def train(
         if not cfg.trainer.get(switch, True):
             callbacks = [c for c in callbacks if not isinstance(c, kind)]
     for bar in callbacks:  # each refresh reads the loss: on a GPU, a wait for the step to finish
-        if isinstance(bar, TQDMProgressBar) and 0 < bar.refresh_rate < fast.bar_refresh:
-            bar._refresh_rate = fast.bar_refresh
+        if isinstance(bar, TQDMProgressBar) and 0 < bar.refresh_rate < fast.finite_check_every:
+            bar._refresh_rate = fast.finite_check_every
     callbacks += [HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name), ScalarsLayout()]
     loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
     extra = {}

@@ -32,7 +32,7 @@ def test_on_cuda_the_fast_standard_choices_are_made(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert step_choices("auto", "auto", "auto", d_model=32, log_every=25) == StepChoices(
-        cuda=True, precision="bf16-mixed", compile=True, finite_check_every=25, cut_on_device=True, bar_refresh=25
+        cuda=True, precision="bf16-mixed", compile=True, finite_check_every=25, cut_on_device=True
     )
     # the user's word wins: fp32, no compile; and a forced CPU run on a GPU machine stays the CPU path
     assert step_choices("gpu", "32-true", False, 384, 50).compile is False
@@ -45,7 +45,7 @@ def test_on_cuda_the_fast_standard_choices_are_made(monkeypatch):
 def test_on_a_cpu_each_step_is_checked_and_nothing_is_compiled(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     c = step_choices("auto", "auto", "auto", d_model=384, log_every=50)
-    assert (c.cuda, c.compile, c.finite_check_every, c.cut_on_device, c.bar_refresh) == (False, False, 1, False, 1)
+    assert (c.cuda, c.compile, c.finite_check_every, c.cut_on_device) == (False, False, 1, False)
     assert step_choices("cpu", "auto", True, 384, 50).compile is True  # asked for: compiled anyway
 
 
@@ -97,7 +97,7 @@ def gpu_path_on_cpu(monkeypatch, compile: bool = False, every: int = 2) -> list:
     real = train_mod.step_choices
 
     def choices(*args):
-        return replace(real(*args), compile=compile, finite_check_every=every, cut_on_device=True, bar_refresh=every)
+        return replace(real(*args), compile=compile, finite_check_every=every, cut_on_device=True)
 
     monkeypatch.setattr(train_mod, "step_choices", choices)
     if compile:  # record what would be compiled rather than spend a minute compiling it
@@ -241,6 +241,8 @@ def test_the_gpu_check_runs_dry_on_a_cpu_into_an_archive_that_keep_accepts(tmp_p
     )
     kept = json.loads((root / "v3-gpu" / "metrics.json").read_text())
     assert kept["steps"] == 4 and kept["command"] == command and (root / "v3-gpu" / "sample.txt").is_file()
+    with pytest.raises(SystemExit, match="is an archive: name the run to keep with --member, one of v2-original"):
+        results_main(["keep", str(archive), "--name", "x", "--command", "c", "--root", str(root)])
     with pytest.raises(
         SystemExit,
         match="--member=v4-original is not a run of .*; its runs: v2-original, v2-seqnorm, v3-original, v3-seqnorm",
