@@ -97,6 +97,7 @@ EXPERIMENTS = [
     (("model=v3", "experiment=v3_fast"), 7_133_568, 7_231_872),  # v2's exact size, within v3's
     (("model=nanogpt", "experiment=nanogpt_fast"), 10_647_168, 11_000_000),  # the 2.5-hour target: <= 11 M
     (("model=nanogpt", "experiment=nanogpt_ema"), 10_647_168, 11_000_000),  # and its weight average
+    (("model=nanogpt", "experiment=nanogpt_speedrun"), 10_647_168, 11_000_000),  # and Muon, ReLU², QK-norm
 ]
 
 
