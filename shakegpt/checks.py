@@ -245,7 +245,7 @@ def _container(node: Any) -> Any:
 
 
 def check_compile(value: Any) -> None:
-    if value not in ("auto", True, False) or (isinstance(value, int) and not isinstance(value, bool)):
+    if not (value == "auto" or isinstance(value, bool)):
         raise ConfigError(f"compile={value!r} is not one of auto, true, false")
 
 

@@ -180,6 +180,21 @@ def test_experiment_configs_train_as_their_kept_runs(run, overrides):
     assert_trains_as_kept(ROOT / "outputs" / "reference" / run, overrides)
 
 
+def test_the_2_5_hour_floor_the_docs_state_is_the_kept_runs():
+    """README: nothing with at most 11 M parameters got below 1.4647; docs/results.md: each nanogpt run
+    stopped improving when its train loss (dropout on) reached 1.15-1.20, and names that loss per run."""
+    kept = [json.loads(p.read_text()) for p in (ROOT / "outputs" / "reference").glob("*/metrics.json")]
+    best = min(m["best_val_loss"] for m in kept if m["params"] <= 11_000_000 and m["train_seconds"] <= 2.5 * 3600)
+    assert f"nothing here got below {best:.4f}" in (ROOT / "README.md").read_text().replace("\n", " ")
+    doc = (ROOT / "docs" / "results.md").read_text().replace("\n  ", " ")
+    for run in ("nanogpt-fast", "nanogpt-fast-d25", "nanogpt-ema", "nanogpt-speedrun", "nanogpt-ema-d40"):
+        m = json.loads((ROOT / "outputs" / "reference" / run / "metrics.json").read_text())
+        train = {step: v for step, v, _ in read_scalars(ROOT / "outputs" / "reference" / run)["train/loss_avg"]}
+        at_best = train[m["best_step"]]
+        assert 1.145 <= at_best < 1.205, (run, at_best)
+        assert f"`{run}` {m['best_val_loss']:.4f} at {at_best:.2f}" in doc, run
+
+
 def test_the_readme_is_a_front_door_and_quotes_the_kept_quickstart():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.encode()) <= 12 * 1024
