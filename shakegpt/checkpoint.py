@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -114,9 +116,18 @@ def check_resumable(
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint's contents, read as tensors and plain data only."""
     p = resolve_checkpoint(path)
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip archive; a cut copy loses its directory at the end
+        raise CheckpointError(
+            f"ckpt_path={p} is not a readable checkpoint: it is not a file torch.save wrote, or it was cut short"
+        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a checkpoint at all, or objects that would need code to load
+    except pickle.UnpicklingError:  # torch's own text here advises weights_only=False, which would run the code
+        raise CheckpointError(
+            f"ckpt_path={p} is not a readable checkpoint: it holds objects that would need code to load, "
+            "and shakegpt never runs code from a checkpoint"
+        ) from None
+    except Exception as e:  # a damaged archive
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"ckpt_path={p} is not a readable checkpoint (truncated or corrupt?): {reason}") from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None

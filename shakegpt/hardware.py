@@ -71,6 +71,17 @@ def auto_precision(accelerator: str, d_model: int) -> str:
     return "32-true"
 
 
+def emulated_bf16_warning(precision: str, cuda: bool) -> str | None:
+    """A line for a run asked to train in bf16 on a CPU that has no native bf16 (no AMX or
+    AVX512-BF16): there every bf16 matmul is emulated, tens of times slower than fp32."""
+    if cuda or not precision.startswith("bf16") or cpu_has_fast_bf16():
+        return None
+    return (
+        f"trainer.precision={precision} on a CPU without native bf16 (no AMX or AVX512-BF16): its matmuls "
+        "are emulated, far slower than fp32 here; trainer.precision=auto picks 32-true on this machine"
+    )
+
+
 @dataclass(frozen=True)
 class StepChoices:
     """How a training step runs on the device `trainer.accelerator` picks (`step_choices`)."""

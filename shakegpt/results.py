@@ -27,7 +27,19 @@ from omegaconf import OmegaConf
 
 from shakegpt.errors import JOB_ERROR_FILE, ConfigError, exit_on_user_error
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "outputs" / "reference"
+PACKAGE = Path(__file__).resolve().parent
+
+
+def reference_dir(package: Path = PACKAGE) -> Path:
+    """Where kept runs live: a checkout's `outputs/reference/` when shakegpt runs from one, else
+    `outputs/reference/` under the current directory, beside the runs in `outputs/runs/` (never
+    inside an installed package's folder)."""
+    if (package.parent / "pyproject.toml").is_file() and (package.parent / "outputs").is_dir():
+        return package.parent / "outputs" / "reference"
+    return Path("outputs") / "reference"
+
+
+REFERENCE_DIR = reference_dir()
 
 # the original shakeGPT runs' val losses and wall times (their own hardware) and nanoGPT's published figure
 ORIGINAL = {"v1": 1.7002, "v2": 1.7531, "v3": 1.6900}
@@ -496,10 +508,10 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--name", required=True, help="e.g. v3-original, v3-improved (the part before '-' names the preset)")
     k.add_argument("--command", required=True, help="the command that made the run, quoted in the README")
     k.add_argument("--note", default="", help="anything a reader must know, e.g. where the run was stopped")
-    k.add_argument("--root", default=str(REFERENCE_DIR))
+    k.add_argument("--root", default=str(REFERENCE_DIR), help="the kept runs' folder (default: %(default)s)")
     k.add_argument("--force", action="store_true", help="replace a kept run of the same name")
     t = sub.add_parser("table", help="markdown table of the kept runs")
-    t.add_argument("--root", default=str(REFERENCE_DIR))
+    t.add_argument("--root", default=str(REFERENCE_DIR), help="the kept runs' folder (default: %(default)s)")
     g = sub.add_parser(
         "plot",
         help="val loss against time, as an image: the kept runs, a sweep's jobs or any run directories",

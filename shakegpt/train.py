@@ -27,7 +27,7 @@ from shakegpt.configs import CONF_DIR
 from shakegpt.console import FILE_ONLY, header, summary
 from shakegpt.errors import ShakeGPTError, TrainingFailed
 from shakegpt.failures import describe_failure, report_lost_ranks
-from shakegpt.hardware import physical_cores, step_choices
+from shakegpt.hardware import emulated_bf16_warning, physical_cores, step_choices
 from shakegpt.hparams import differing, hparams_of, param_counts
 from shakegpt.module import LitGPT
 from shakegpt.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
@@ -77,6 +77,9 @@ def train(
     precision = fast.precision
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
+    slow = emulated_bf16_warning(precision, fast.cuda)
+    if slow:
+        log.warning(slow)
     if fast.cuda:
         log.info(
             "on CUDA: torch.compile %s, the loss read every %d steps, training windows cut on the GPU",

@@ -1,6 +1,7 @@
 """The CPU fast path: precision choice, byte-mask dropout, the same results as fp32, the benchmark."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -79,6 +80,34 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert g["num_chars"] == 20 and g["full_s"] > 0 and g["cached_s"] > 0
     printed = capsys.readouterr().out
     assert "fast/naive" in printed and "Muon/AdamW" in printed and "KV cache" in printed
+
+
+@pytest.mark.parametrize(("native", "largest"), [(True, 3072), (False, 256)])
+def test_an_emulated_bf16_peak_is_measured_at_one_small_size(monkeypatch, native, largest):
+    """Without native bf16 a 3072-wide bf16 matmul takes minutes (measured: 0.9 GFLOP/s bf16 against
+    59 fp32 on a 2-core AVX2 EPYC), so the bench measures that peak small; fp32's is measured in full."""
+    asked = []
+    monkeypatch.setattr(
+        bench, "matmul_peak", lambda dtype, sizes=(1024, 2048, 3072): asked.append((dtype, sizes)) or 1.0
+    )
+    bench.measure_peaks(native)
+    assert [(dtype, max(sizes)) for dtype, sizes in asked] == [(torch.float32, 3072), (torch.bfloat16, largest)]
+
+
+def test_mfu_is_taken_against_the_faster_peak():
+    assert bench.mfu_peak({"fp32": 192e9, "bf16": 441e9}) == 441e9  # native bf16 (AVX512-BF16)
+    assert bench.mfu_peak({"fp32": 59e9, "bf16": 0.9e9}) == 59e9  # emulated bf16 (AVX2 only)
+
+
+@pytest.mark.parametrize(("flags", "warned"), [({"avx2"}, True), ({"avx512_bf16"}, False)])
+def test_bf16_asked_for_on_a_cpu_without_it_is_warned(monkeypatch, make_cfg, caplog, flags, warned):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
+    with caplog.at_level(logging.WARNING, logger="shakegpt.train"):
+        train(cfg)
+    said = "trainer.precision=bf16-mixed on a CPU without native bf16 (no AMX or AVX512-BF16)"
+    assert (said in caplog.text) == warned, caplog.text
+    assert ("trainer.precision=auto picks 32-true on this machine" in caplog.text) == warned
 
 
 def test_bench_rejects_unknown_preset(capsys):

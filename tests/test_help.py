@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from .conftest import ROOT
 
@@ -22,6 +23,8 @@ def test_train_help_lists_groups_and_examples_not_the_config_dump():
     assert "model/pos_encoding: alibi, learned, none, rope, sinusoidal" in out
     assert "python train.py model=v3 trainer.devices=2" in out and "docs/configuration.md" in out
     assert "_target_" not in out and "powered by Hydra" not in out  # no config dump, no stock text
+    steps = OmegaConf.load(ROOT / "conf" / "model" / "quickstart.yaml").trainer.max_steps
+    assert f"the quickstart: {steps} steps" in out  # the example states the preset's own length
 
 
 @pytest.mark.parametrize(("module", "first"), [("shakegpt.sample", "Stream text"), ("shakegpt.evaluate", "Val loss")])

@@ -1,6 +1,6 @@
 """A wheel built from a clean copy of the repository, installed without -e into a new virtual
-environment, works from an empty directory: training, sampling, evaluating, exporting, a preset of
-the user's own (`--config-dir`), through the console scripts and `python -m shakegpt`."""
+environment, works from an empty directory: training, sampling, evaluating, exporting, keeping a
+run, a preset of the user's own (`--config-dir`), through the console scripts and `python -m shakegpt`."""
 
 import json
 import os
@@ -87,6 +87,14 @@ def test_the_wheel_works_from_an_empty_directory(installed, tmp_path):
     r = run([py, "-m", "shakegpt", "sample", "ckpt_path=bundle", "prompt=First", "num_chars=20"], tmp_path, env)
     assert r.stdout.startswith("First")
 
+    # keeping a run: into outputs/reference/ under the current directory, not into the installed package
+    keep = [py, "-m", "shakegpt", "results", "keep", "run", "--name", "mine-1", "--command", "python -m shakegpt"]
+    run(keep, tmp_path, env)
+    kept = json.loads((tmp_path / "outputs" / "reference" / "mine-1" / "metrics.json").read_text())
+    assert kept["name"] == "mine-1" and kept["steps"] == 2
+    assert "| mine-1 |" in run([py, "-m", "shakegpt", "results", "table"], tmp_path, env).stdout
+    assert not list(bin_dir.parent.glob("lib/*/site-packages/outputs"))
+
     # a preset of the user's own, outside the package
     (tmp_path / "mine" / "model").mkdir(parents=True)
     (tmp_path / "mine" / "model" / "tiny.yaml").write_text(USER_PRESET)
@@ -102,4 +110,4 @@ def test_the_wheel_works_from_an_empty_directory(installed, tmp_path):
     run(cmd, tmp_path, env)
     config = (tmp_path / "mine_run" / ".hydra" / "config.yaml").read_text()
     assert "d_model: 32" in config and "pos_encoding: rope" in config
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "eval.json", "mine", "mine_run", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "eval.json", "mine", "mine_run", "outputs", "run"]
