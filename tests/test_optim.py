@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from shakegpt import hardware
 from shakegpt.checks import check_optim
 from shakegpt.errors import ConfigError
 from shakegpt.model import GPT, GPTConfig
-from shakegpt.optim import MuonWithAdamW, build_optimizer
+from shakegpt.optim import Muon, MuonWithAdamW, build_optimizer, orthogonalize
 from shakegpt.results import read_scalars
 from shakegpt.train import train
 
@@ -111,3 +112,40 @@ def test_muon_trains_resumes_and_is_not_resumed_as_adamw(make_cfg, tmp_path):
     assert [s for s, _ in a] == [s for s, _ in b] and [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-6)
     with pytest.raises(ConfigError, match="optim=muon there, adamw here: its optimizer state is another optimizer's"):
         train(compose_cfg(tmp_path / "third", "optim=adamw", "trainer.max_steps=6", f"ckpt_path={first}"))
+
+
+def _muon_steps(optimizer_class, flags, monkeypatch, shape=(48, 96), steps=3):
+    """A matrix after `steps` Muon steps on fixed gradients, with the CPU's flags set to `flags`."""
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(*shape))
+    grads = [torch.randn(*shape) for _ in range(steps)]
+    opt = optimizer_class([p], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p.detach(), opt.state[p]["momentum_buffer"]
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
+def test_muon_without_native_bf16_runs_newton_schulz_in_fp32_and_agrees_with_torch(monkeypatch, shape):
+    """Where bf16 is emulated, Muon's iteration runs in fp32: the same step as torch's bf16 one up
+    to bf16 rounding, the same momentum state; where bf16 is native, torch's step exactly."""
+    torch.manual_seed(0)
+    start = torch.randn(*shape)  # the matrix _muon_steps starts from
+    theirs, their_buf = _muon_steps(torch.optim.Muon, {"avx2"}, monkeypatch, shape)
+    fp32, fp32_buf = _muon_steps(Muon, {"avx2"}, monkeypatch, shape)
+    native, _ = _muon_steps(Muon, {"avx512_bf16"}, monkeypatch, shape)
+    assert torch.equal(native, theirs)  # native bf16: torch's own step
+    assert torch.equal(fp32_buf, their_buf)
+    moved_theirs, moved_fp32 = (start - theirs).flatten(), (start - fp32).flatten()
+    assert not torch.equal(fp32, theirs)  # a different iteration ran
+    assert torch.nn.functional.cosine_similarity(moved_theirs, moved_fp32, dim=0) > 0.999
+    assert (moved_fp32.norm() / moved_theirs.norm()).item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_orthogonalize_maps_singular_values_near_one():
+    torch.manual_seed(0)
+    m = torch.randn(64, 32) @ torch.diag(torch.logspace(-1, 0, 32))  # singular values over a decade
+    s = torch.linalg.svdvals(orthogonalize(m, (3.4445, -4.7750, 2.0315), 5, 1e-7))
+    assert s.min() > 0.5 and s.max() < 1.5, s  # the quintic iteration's band (Keller Jordan's Muon)
