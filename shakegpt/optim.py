@@ -147,9 +147,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     `param_groups` reaches all of them, and its state is theirs."""
 
     def __init__(self, hidden, adamw_groups, lr, weight_decay, betas, momentum=0.95, fused=True):
-        self.muon = Muon(
-            hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
-        )
+        self.muon = Muon(hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=tuple(betas), fused=fused)
         super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
         self._link()
