@@ -5,7 +5,7 @@
   weights), AdamW for the embeddings, the output head, gains and biases, as in modded-nanogpt.
   Muon's updates are scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so both follow the
   same learning rate and weight decay (torch's documentation: the scaling lets Muon reuse AdamW's).
-  On a CPU without native bf16 its Newton-Schulz iteration runs in fp32 (`Muon`), five times faster there.
+  On a CPU without native bf16 its Newton-Schulz iteration runs in fp32 (`Muon`): much faster there.
 
 Both are single `torch.optim.Optimizer`s: the learning-rate schedule, gradient clipping and
 checkpoints work on them as on any optimizer.
