@@ -71,10 +71,18 @@ def auto_precision(accelerator: str, d_model: int) -> str:
     return "32-true"
 
 
-def emulated_bf16_warning(precision: str, cuda: bool) -> str | None:
+def on_cpu(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` setting trains on this machine's CPU."""
+    if accelerator == "auto":
+        mps = getattr(torch.backends, "mps", None)
+        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+    return accelerator == "cpu"
+
+
+def emulated_bf16_warning(precision: str, accelerator: str) -> str | None:
     """A line for a run asked to train in bf16 on a CPU that has no native bf16 (no AMX or
     AVX512-BF16): there every bf16 matmul is emulated, tens of times slower than fp32."""
-    if cuda or not precision.startswith("bf16") or cpu_has_fast_bf16():
+    if not on_cpu(accelerator) or not precision.startswith("bf16") or cpu_has_fast_bf16():
         return None
     return (
         f"trainer.precision={precision} on a CPU without native bf16 (no AMX or AVX512-BF16): its matmuls "

@@ -113,8 +113,8 @@ class Muon(torch.optim.Muon):
     its state (`momentum_buffer`) are torch's own: the two paths keep the same state."""
 
     def emulated_bf16(self) -> bool:
-        on_cuda = any(p.is_cuda for group in self.param_groups for p in group["params"])
-        return not on_cuda and not cpu_has_fast_bf16()
+        on_cpu = all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+        return on_cpu and not cpu_has_fast_bf16()
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

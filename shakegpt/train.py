@@ -77,7 +77,7 @@ def train(
     precision = fast.precision
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
-    slow = emulated_bf16_warning(precision, fast.cuda)
+    slow = emulated_bf16_warning(precision, cfg.trainer.accelerator)
     if slow:
         log.warning(slow)
     if fast.cuda:

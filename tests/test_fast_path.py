@@ -110,6 +110,22 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_warned(monkeypatch, make_cfg, cap
     assert ("trainer.precision=auto picks 32-true on this machine" in caplog.text) == warned
 
 
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "precision", "warned"),
+    [
+        ("cpu", False, "bf16-mixed", True),
+        ("auto", False, "bf16-true", True),
+        ("cpu", False, "32-true", False),
+        ("gpu", True, "bf16-mixed", False),  # a GPU's bf16 is native
+        ("auto", True, "bf16-mixed", False),
+    ],
+)
+def test_only_bf16_on_a_cpu_that_emulates_it_is_warned(monkeypatch, accelerator, cuda, precision, warned):
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert (hardware.emulated_bf16_warning(precision, accelerator) is not None) == warned
+
+
 def test_bench_rejects_unknown_preset(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--presets", "v9"])
