@@ -135,7 +135,7 @@ def test_bench_rejects_unknown_preset(capsys):
 @pytest.mark.slow
 def test_fast_path_ends_within_0_03_of_fp32(make_cfg, real_corpus):
     """Same seed, 300 steps of a dropout-0.1 quickstart model on the real corpus: the fast path
-    (auto precision = bf16 here, byte-mask dropout) against plain fp32 with nn.Dropout."""
+    (auto precision: bf16 where the CPU runs it natively, else fp32; byte-mask dropout) against plain fp32 with nn.Dropout."""
     common = [
         f"data.path={real_corpus}",
         "data.batch_size=12",
