@@ -79,7 +79,7 @@ def train(
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
     slow = emulated_bf16_warning(precision, cfg.trainer.accelerator)
     if slow:
-        log.warning(slow)
+        log.warning("warning: %s", slow)
     if fast.cuda:
         log.info(
             "on CUDA: torch.compile %s, the loss read every %d steps, training windows cut on the GPU",

@@ -105,7 +105,7 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_warned(monkeypatch, make_cfg, cap
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
     with caplog.at_level(logging.WARNING, logger="shakegpt.train"):
         train(cfg)
-    said = "trainer.precision=bf16-mixed on a CPU without native bf16 (no AMX or AVX512-BF16)"
+    said = "warning: trainer.precision=bf16-mixed on a CPU without native bf16 (no AMX or AVX512-BF16)"
     assert (said in caplog.text) == warned, caplog.text
     assert ("trainer.precision=auto picks 32-true on this machine" in caplog.text) == warned
 
