@@ -17,12 +17,18 @@ from omegaconf import OmegaConf
 PACKAGE = Path(__file__).resolve().parent
 
 
+def checkout() -> Path | None:
+    """The repository shakegpt runs from (a source tree or an editable install), or None when it is
+    an installed package."""
+    return PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").is_file() else None
+
+
 def find_conf_dir() -> Path:
     """The checkout's `conf/` when shakegpt runs from one (a stale packaged copy never wins), else
     the installed package's copy."""
-    checkout = PACKAGE.parent / "conf"
-    if (PACKAGE.parent / "pyproject.toml").is_file() and (checkout / "train.yaml").is_file():
-        return checkout
+    root = checkout()
+    if root is not None and (root / "conf" / "train.yaml").is_file():
+        return root / "conf"
     if (PACKAGE / "conf" / "train.yaml").is_file():
         return PACKAGE / "conf"
     raise FileNotFoundError(

@@ -25,18 +25,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from shakegpt.configs import checkout
 from shakegpt.errors import JOB_ERROR_FILE, ConfigError, exit_on_user_error
 
-PACKAGE = Path(__file__).resolve().parent
 
-
-def reference_dir(package: Path = PACKAGE) -> Path:
+def reference_dir() -> Path:
     """Where kept runs live: a checkout's `outputs/reference/` when shakegpt runs from one, else
     `outputs/reference/` under the current directory, beside the runs in `outputs/runs/` (never
     inside an installed package's folder)."""
-    if (package.parent / "pyproject.toml").is_file() and (package.parent / "outputs").is_dir():
-        return package.parent / "outputs" / "reference"
-    return Path("outputs") / "reference"
+    root = checkout()
+    return root / "outputs" / "reference" if root is not None else Path("outputs") / "reference"
 
 
 REFERENCE_DIR = reference_dir()
