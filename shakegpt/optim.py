@@ -112,13 +112,16 @@ class Muon(torch.optim.Muon):
     torch's bf16 iteration, 68 s with fp32's (docs/performance.md). Its settings and
     its state (`momentum_buffer`) are torch's own: the two paths keep the same state."""
 
-    def emulated_bf16(self) -> bool:
+    def __init__(self, params, **settings):
+        super().__init__(params, **settings)
+        # decided once, where the parameters are when the optimizer is made (Lightning makes it
+        # after moving the model to its device), not again at every step
         on_cpu = all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
-        return on_cpu and not cpu_has_fast_bf16()
+        self.fp32_iteration = on_cpu and not cpu_has_fast_bf16()
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        if not self.emulated_bf16():
+        if not self.fp32_iteration:
             return super().step(closure)
         loss = None
         if closure is not None:
