@@ -74,8 +74,7 @@ def auto_precision(accelerator: str, d_model: int) -> str:
 def on_cpu(accelerator: str) -> bool:
     """Whether Lightning's `accelerator` setting trains on this machine's CPU."""
     if accelerator == "auto":
-        mps = getattr(torch.backends, "mps", None)
-        return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+        return not torch.cuda.is_available() and not torch.backends.mps.is_available()
     return accelerator == "cpu"
 
 

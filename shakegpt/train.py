@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout
@@ -78,7 +79,7 @@ def train(
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
     slow = emulated_bf16_warning(precision, cfg.trainer.accelerator)
-    if slow:
+    if slow and rank_zero_only.rank == 0:  # once, not once per DDP process
         log.warning("warning: %s", slow)
     if fast.cuda:
         log.info(

@@ -110,6 +110,19 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_warned(monkeypatch, make_cfg, cap
     assert ("trainer.precision=auto picks 32-true on this machine" in caplog.text) == warned
 
 
+def test_the_emulated_bf16_warning_comes_from_rank_zero_only(monkeypatch, make_cfg, caplog):
+    """In a DDP run each process trains: only the first says it (measured: `python train.py
+    experiment=smoke trainer.devices=2 trainer.precision=bf16-mixed` printed it twice before)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
+    with caplog.at_level(logging.WARNING, logger="shakegpt.train"):
+        train(cfg)
+    assert "without native bf16" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("accelerator", "cuda", "precision", "warned"),
     [
