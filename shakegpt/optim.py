@@ -108,8 +108,8 @@ def orthogonalize(m: torch.Tensor, coefficients, steps: int, eps: float) -> torc
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, except where bf16 is emulated (a CPU with neither AMX nor AVX512-BF16):
     there the Newton-Schulz iteration, which torch runs in bf16, runs in fp32 (`orthogonalize`).
-    Measured on a 2-core AVX2 CPU: `time python train.py` (the quickstart, Muon) took 314 s with
-    torch's bf16 iteration, 68 s with fp32's (docs/performance.md). Its settings and
+    Measured on a 2-core AVX2 CPU: the quickstart (Muon) took 314 s with torch's bf16 iteration,
+    68 s with fp32's (docs/performance.md). Its settings and
     its state (`momentum_buffer`) are torch's own: the two paths keep the same state."""
 
     def __init__(self, params, **settings):
