@@ -114,28 +114,29 @@ def test_muon_trains_resumes_and_is_not_resumed_as_adamw(make_cfg, tmp_path):
         train(compose_cfg(tmp_path / "third", "optim=adamw", "trainer.max_steps=6", f"ckpt_path={first}"))
 
 
-def _muon_steps(optimizer_class, flags, monkeypatch, shape=(48, 96), steps=3):
+def _muon_steps(optimizer_class, flags, monkeypatch, shape, adjust_lr_fn, steps=3):
     """A matrix after `steps` Muon steps on fixed gradients, with the CPU's flags set to `flags`."""
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(*shape))
     grads = [torch.randn(*shape) for _ in range(steps)]
-    opt = optimizer_class([p], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    opt = optimizer_class([p], lr=0.02, weight_decay=0.1, adjust_lr_fn=adjust_lr_fn)
     for g in grads:
         p.grad = g.clone()
         opt.step()
     return p.detach(), opt.state[p]["momentum_buffer"]
 
 
+@pytest.mark.parametrize("adjust_lr_fn", ["match_rms_adamw", "original", None])
 @pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
-def test_muon_without_native_bf16_runs_newton_schulz_in_fp32_and_agrees_with_torch(monkeypatch, shape):
+def test_muon_without_native_bf16_runs_newton_schulz_in_fp32_and_agrees_with_torch(monkeypatch, shape, adjust_lr_fn):
     """Where bf16 is emulated, Muon's iteration runs in fp32: the same step as torch's bf16 one up
     to bf16 rounding, the same momentum state; where bf16 is native, torch's step exactly."""
     torch.manual_seed(0)
     start = torch.randn(*shape)  # the matrix _muon_steps starts from
-    theirs, their_buf = _muon_steps(torch.optim.Muon, {"avx2"}, monkeypatch, shape)
-    fp32, fp32_buf = _muon_steps(Muon, {"avx2"}, monkeypatch, shape)
-    native, _ = _muon_steps(Muon, {"avx512_bf16"}, monkeypatch, shape)
+    theirs, their_buf = _muon_steps(torch.optim.Muon, {"avx2"}, monkeypatch, shape, adjust_lr_fn)
+    fp32, fp32_buf = _muon_steps(Muon, {"avx2"}, monkeypatch, shape, adjust_lr_fn)
+    native, _ = _muon_steps(Muon, {"avx512_bf16"}, monkeypatch, shape, adjust_lr_fn)
     assert torch.equal(native, theirs)  # native bf16: torch's own step
     assert torch.equal(fp32_buf, their_buf)
     moved_theirs, moved_fp32 = (start - theirs).flatten(), (start - fp32).flatten()
