@@ -1,6 +1,6 @@
 """Build hook (the project itself is described in pyproject.toml): ship a copy of the top-level
 `conf/` inside the package as `shakegpt/conf/`, so an installed wheel finds its configs. An
-editable install reads `conf/` where it is (see shakegpt/configs.py)."""
+editable install reads `conf/` where it is (see shakegpt/run/configs.py)."""
 
 import shutil
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Train a character-level GPT on tinyshakespeare: `python train.py model=v3` (see README)."""
 
-from shakegpt.train import main
+from shakegpt.commands.train import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""`python -m shakegpt [train|sample|evaluate|export|results] ARGS…`: one entry for every command.
+"""`python -m shakegpt [train|sample|evaluate|export|results|bench|gpu-check] ARGS…`: one entry for every command.
 
 Without a command name, `python -m shakegpt ARGS…` trains, as `python train.py ARGS…` does.
 """
@@ -9,12 +9,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": "shakegpt.train",
-    "sample": "shakegpt.sample",
-    "evaluate": "shakegpt.evaluate",
-    "eval": "shakegpt.evaluate",
-    "export": "shakegpt.export",
-    "results": "shakegpt.results",
+    "train": "shakegpt.commands.train",
+    "sample": "shakegpt.commands.sample",
+    "evaluate": "shakegpt.commands.evaluate",
+    "eval": "shakegpt.commands.evaluate",
+    "export": "shakegpt.commands.export",
+    "results": "shakegpt.commands.results",
+    "bench": "shakegpt.commands.bench",
+    "gpu-check": "shakegpt.commands.gpu_check",
 }
 
 

@@ -1,5 +1,5 @@
 """The tinyshakespeare corpus in plain PyTorch: where it comes from, how it is split, and how
-windows are drawn from it. (`shakegpt.data` wraps this as a LightningDataModule.)
+windows are drawn from it. (`shakegpt.training.data` wraps this as a LightningDataModule.)
 
 Corpus resolution order: `data.path` -> `$SHAKEGPT_DATA` -> local cache -> download from the
 char-rnn URL. A downloaded or cached copy is used only if its sha256 matches; downloads go to a

@@ -1,7 +1,10 @@
-"""Errors a user can cause and fix. Their messages name the bad value and what is accepted; the
-entry points print them as one line instead of a traceback."""
+"""Errors a user can cause and fix, and the small value checks that raise them. Their messages name
+the bad value and what is accepted; the entry points print them as one line instead of a traceback."""
 
 import functools
+import math
+from numbers import Real
+from typing import Any
 
 
 class ShakeGPTError(Exception):
@@ -44,3 +47,26 @@ def exit_on_user_error(entry):
             raise SystemExit(f"error: {e}") from None
 
     return wrapper
+
+
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_sequence(v: Any) -> bool:
+    """A list, a tuple or an OmegaConf ListConfig (without importing OmegaConf)."""
+    return isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig"
+
+
+def positive_int(key: str, v: Any, why: str = "") -> None:
+    if not is_int(v) or v <= 0:
+        raise ConfigError(f"{key}={v!r} is invalid; it must be a positive integer{why}")
+
+
+def non_negative_int(key: str, v: Any) -> None:
+    if not is_int(v) or v < 0:
+        raise ConfigError(f"{key}={v!r} is invalid; it must be an integer >= 0")

@@ -19,16 +19,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from shakegpt.checks import check_sampling
 from shakegpt.errors import ConfigError
 from shakegpt.model import GPT, KVCache
+from shakegpt.sampling import TEMPERATURE, TOP_K, TOP_P, check_sampling
 from shakegpt.tokenizer import CharTokenizer
-
-# the one set of sampling defaults: this API, `python -m shakegpt.sample` and training's text
-# samples (conf/sampling/default.yaml, tested to agree)
-TEMPERATURE: float = 0.8
-TOP_K: int | None = None
-TOP_P: float | None = None
 
 
 def sample_next(

@@ -6,10 +6,11 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from shakegpt.checks import check_compile
+from shakegpt.errors import ConfigError
 
 # below this width a model is too small for bf16 to pay on a CPU: measured at the v1 shape
 # (d_model 32) bf16 autocast made a step 1.3x slower (its casts cost more than its matmuls save)
@@ -87,6 +88,11 @@ def emulated_bf16_warning(precision: str, accelerator: str) -> str | None:
         f"trainer.precision={precision} on a CPU without native bf16 (no AMX or AVX512-BF16): its matmuls "
         "are emulated, far slower than fp32 here; trainer.precision=auto picks 32-true on this machine"
     )
+
+
+def check_compile(value: Any) -> None:
+    if not (value == "auto" or isinstance(value, bool)):
+        raise ConfigError(f"compile={value!r} is not one of auto, true, false")
 
 
 @dataclass(frozen=True)

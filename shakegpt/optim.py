@@ -14,14 +14,16 @@ checkpoints work on them as on any optimizer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from shakegpt.checks import OPTIMIZERS
-from shakegpt.errors import ConfigError
+from shakegpt.errors import ConfigError, is_number, is_sequence, non_negative_int
 from shakegpt.hardware import cpu_has_fast_bf16
+
+SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "muon")  # optim=adamw|muon
 
 
 def has_muon() -> bool:
@@ -34,6 +36,38 @@ def require_muon() -> None:
             f"optim=muon needs torch.optim.Muon, which this torch ({torch.__version__}) does not have; "
             "upgrade torch, or use optim=adamw"
         )
+
+
+def check_optim(optim: Mapping) -> None:
+    lr = optim.get("lr")
+    if not is_number(lr) or lr <= 0:
+        raise ConfigError(f"optim.lr={lr!r} is invalid; it must be > 0")
+    wd = optim.get("weight_decay")
+    if not is_number(wd) or wd < 0:
+        raise ConfigError(f"optim.weight_decay={wd!r} is invalid; it must be a number >= 0 (0 turns it off)")
+    betas = optim.get("betas")
+    if not is_sequence(betas) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
+        shown = list(betas) if is_sequence(betas) else betas
+        raise ConfigError(
+            f"optim.betas={shown!r} is invalid; it must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.99]"
+        )
+    non_negative_int("optim.warmup_steps", optim.get("warmup_steps"))
+    ratio = optim.get("min_lr_ratio")
+    if not is_number(ratio) or not 0 <= ratio <= 1:
+        raise ConfigError(
+            f"optim.min_lr_ratio={ratio!r} is invalid; it must be in [0, 1] (the final lr as a share of optim.lr)"
+        )
+    schedule = optim.get("schedule")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+    name = optim.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)} (optim=muon)")
+    momentum = optim.get("muon_momentum", 0.95)
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ConfigError(f"optim.muon_momentum={momentum!r} is invalid; it must be in [0, 1)")
+    if name == "muon":
+        require_muon()
 
 
 def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:

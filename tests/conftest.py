@@ -86,7 +86,7 @@ def make_cfg(tmp_path):
 def trained_run(tmp_path_factory):
     """One shrunk quickstart run (6 steps, validations at 3 and 6) that several tests read:
     (run directory, its config, the metrics train() returned)."""
-    from shakegpt.train import train
+    from shakegpt.run.train import train
 
     out = tmp_path_factory.mktemp("run")
     # fp32, so that the val loss can be compared with a hand computation to 1e-5

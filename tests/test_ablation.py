@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from shakegpt import bench
+from shakegpt.commands import bench
+from shakegpt.commands.results import ablation_table, main, plot_ablation
 from shakegpt.errors import ConfigError
-from shakegpt.results import ablation_table, main, plot_ablation
-from shakegpt.train import train
+from shakegpt.run.train import train
 
 from .conftest import CONF, TINY
 
@@ -164,5 +164,5 @@ def test_a_sweep_that_is_not_an_ablation_is_named(tmp_path):
         ablation_table(sweep)
     (tmp_path / "bad.json").write_text("{}")
     sweep = fake_ablation(tmp_path / "2", [("base", 1, [2.0])])
-    with pytest.raises(ConfigError, match="--bench .*bad.json: not a `python -m shakegpt.bench --ablation` result"):
+    with pytest.raises(ConfigError, match="--bench .*bad.json: not a `python -m shakegpt bench --ablation` result"):
         ablation_table(sweep, tmp_path / "bad.json")

@@ -9,10 +9,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from shakegpt.checkpoint import export_bundle, load_bundle, model_from_checkpoint, read_checkpoint, resolve_checkpoint
+from shakegpt.commands.evaluate import evaluate, evaluate_checkpoint
+from shakegpt.commands.results import plot
 from shakegpt.errors import CheckpointError, ConfigError, DataError
-from shakegpt.evaluate import evaluate, evaluate_checkpoint
-from shakegpt.results import plot
+from shakegpt.training.checkpoint import (
+    export_bundle,
+    load_bundle,
+    model_from_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+)
 
 from .conftest import ROOT, TINY
 from .tb import load_run, scalars
@@ -79,7 +85,7 @@ def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_pa
     x = tok.encode("First Keeper:\n")[None]
     assert tok2.chars == tok.chars and torch.equal(model(x), again(x))
     code = (
-        "import sys; from shakegpt.checkpoint import load_bundle; "
+        "import sys; from shakegpt.training.checkpoint import load_bundle; "
         f"m, t = load_bundle({str(bundle)!r}); "
         "assert not any(k.split('.')[0] in ('lightning', 'hydra', 'pytorch_lightning') for k in sys.modules), "
         "sorted(k for k in sys.modules if 'lightning' in k or 'hydra' in k)"
@@ -90,17 +96,17 @@ def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_pa
         load_bundle(bundle)
 
 
-@pytest.mark.parametrize("command", ["shakegpt.sample", "shakegpt.evaluate"])
+@pytest.mark.parametrize("command", ["shakegpt.commands.sample", "shakegpt.commands.evaluate"])
 def test_sampling_and_evaluating_import_neither_torch_nor_lightning_to_check_values(command):
     """They check their values before importing torch (so a mistake is refused at once), and need
     the model, the tokenizer and the corpus only: never Lightning or the training entry."""
     code = (
         f"import sys, {command}; "
         "loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'pytorch_lightning', 'torchmetrics'}; "
-        "assert not loaded and 'shakegpt.train' not in sys.modules, loaded"
+        "assert not loaded and 'shakegpt.run.train' not in sys.modules, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
-    bad = ["temperature=0"] if command == "shakegpt.sample" else ["precision='fp8'"]
+    bad = ["temperature=0"] if command == "shakegpt.commands.sample" else ["precision='fp8'"]
     r = subprocess.run(
         [sys.executable, "-m", command, "ckpt_path=x", *bad], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
@@ -109,7 +115,7 @@ def test_sampling_and_evaluating_import_neither_torch_nor_lightning_to_check_val
 
 def sample_cli(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "shakegpt.sample", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "shakegpt.commands.sample", *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 
@@ -187,7 +193,7 @@ def test_eval_cli_table_and_json(trained_run, tmp_path):
         [
             sys.executable,
             "-m",
-            "shakegpt.evaluate",
+            "shakegpt.commands.evaluate",
             f"ckpt_path=[{out},{out}/checkpoints/last.ckpt]",
             f"data.path={TINY}",
             "data.batch_size=4",
@@ -224,7 +230,7 @@ def test_export_to_an_unwritable_place_is_one_line(trained_run, tmp_path):
     out, _, _ = trained_run
     (tmp_path / "file").write_text("x")
     r = subprocess.run(
-        [sys.executable, "-m", "shakegpt.export", str(out), str(tmp_path / "file" / "bundle")],
+        [sys.executable, "-m", "shakegpt.commands.export", str(out), str(tmp_path / "file" / "bundle")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -251,7 +257,7 @@ def test_eval_out_that_cannot_be_written_is_refused_before_evaluating(trained_ru
     out, _, _ = trained_run
     (tmp_path / "file").write_text("x")
     evaluated = []
-    monkeypatch.setattr("shakegpt.evaluate.evaluate_checkpoint", lambda *a, **k: evaluated.append(a))
+    monkeypatch.setattr("shakegpt.commands.evaluate.evaluate_checkpoint", lambda *a, **k: evaluated.append(a))
     cfg = OmegaConf.create(
         {
             "ckpt_path": str(out),
@@ -274,7 +280,7 @@ def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):
 
 def test_evaluate_accepts_exactly_the_precisions_the_val_pass_runs():
     """evaluate checks precision names before importing torch: its list must be the pass's own."""
-    from shakegpt.evaluate import PRECISIONS
-    from shakegpt.val_pass import AUTOCAST, CAST
+    from shakegpt.commands.evaluate import PRECISIONS
+    from shakegpt.training.val_pass import AUTOCAST, CAST
 
     assert set(PRECISIONS) == {"auto", *AUTOCAST, *CAST}

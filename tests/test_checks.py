@@ -8,13 +8,13 @@ import tempfile
 import pytest
 import torch
 
-from shakegpt.checks import check_train_config, check_writable
+from shakegpt.commands.sample import check_device
 from shakegpt.corpus import smallest_id_dtype
-from shakegpt.data import CharDataModule
 from shakegpt.errors import CheckpointError, ConfigError, DataError
 from shakegpt.generate import sample_next
-from shakegpt.sample import check_device
-from shakegpt.train import train
+from shakegpt.run.checks import check_train_config, check_writable
+from shakegpt.run.train import train
+from shakegpt.training.data import CharDataModule
 
 BAD = [
     (["optim.min_lr_ratio=-3"], "optim.min_lr_ratio=-3 is invalid; it must be in [0, 1]"),

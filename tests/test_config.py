@@ -9,7 +9,7 @@ import torch
 from shakegpt.errors import CheckpointError, ConfigError, DataError
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.pos_encoding import POS_ENCODINGS
-from shakegpt.train import train
+from shakegpt.run.train import train
 
 from .conftest import PRESETS
 
@@ -132,21 +132,15 @@ def test_command_line_overrides_win_over_presets(make_cfg):
     assert cfg.model.max_seq_len == 128  # follows data.seq_len
 
 
-@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
-# nanogpt is v3's shape with a wider FFN and a tied head (4 s a combination): with the slow tests
-@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p == "nanogpt" else p for p in PRESETS])
-def test_every_preset_and_encoding_trains(make_cfg, preset, pos):
-    cfg = make_cfg(
-        f"model={preset}",
-        f"model/pos_encoding={pos}",
-        "~callbacks.checkpoint",
-        "trainer.enable_checkpointing=false",
-        "optim.lr=1e-3",
-    )
+# a preset's own depth and width cost seconds a case and prove nothing more than a tiny one here
+TINY_WIDTH = ("model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.d_ff=64")
+
+
+def trains_and_overfits(make_cfg, *overrides: str) -> None:
+    """The config trains through train() to finite metrics, and its model overfits one batch."""
+    cfg = make_cfg(*overrides, "~callbacks.checkpoint", "trainer.enable_checkpointing=false", "optim.lr=1e-3")
     metrics = train(cfg)
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/acc"))
-
-    # and its model overfits one batch
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_dict(dict(cfg.model)))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -159,7 +153,19 @@ def test_every_preset_and_encoding_trains(make_cfg, preset, pos):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.75 * losses[0], losses  # measured: 0.6 (v1, dropout 0.1) to 0.01 (quickstart)
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.parametrize("pos", list(POS_ENCODINGS))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_and_encoding_trains_at_tiny_width(make_cfg, preset, pos):
+    trains_and_overfits(make_cfg, f"model={preset}", f"model/pos_encoding={pos}", *TINY_WIDTH)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_at_its_own_width(make_cfg, preset):
+    trains_and_overfits(make_cfg, f"model={preset}")
 
 
 @pytest.mark.parametrize(

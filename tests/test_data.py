@@ -10,8 +10,8 @@ from shakegpt.corpus import (
     read_corpus,
     resolve_corpus,
 )
-from shakegpt.data import CharDataModule
 from shakegpt.errors import DataError
+from shakegpt.training.data import CharDataModule
 
 OFFLINE_URL = "http://127.0.0.1:9/input.txt"  # the discard port on loopback: refused at once
 

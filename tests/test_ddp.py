@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shakegpt.module import LitGPT
+from shakegpt.training.module import LitGPT
 
 from .conftest import ROOT, TINY, start_training, wait_for_log
 from .tb import load_run, scalars
@@ -56,7 +56,7 @@ def test_two_cpu_processes_then_resume(tmp_path):
     ea = load_run(first / "tensorboard")
     logged = scalars(ea, "val/loss")[-1][1]
     module = LitGPT.load_from_checkpoint(first / "checkpoints" / "last.ckpt").eval()
-    from shakegpt.data import CharDataModule
+    from shakegpt.training.data import CharDataModule
 
     dm = CharDataModule(path=str(TINY), batch_size=4, seq_len=32)
     dm.setup("fit")

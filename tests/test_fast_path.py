@@ -6,9 +6,10 @@ import logging
 import pytest
 import torch
 
-from shakegpt import bench, hardware
+from shakegpt import hardware
+from shakegpt.commands import bench
 from shakegpt.fast_cpu import ByteDropout
-from shakegpt.train import train
+from shakegpt.run.train import train
 
 from .conftest import TINY
 
@@ -111,7 +112,7 @@ def test_the_table_takes_mfu_against_the_faster_peak(peak, mfu):
 def test_bf16_asked_for_on_a_cpu_without_it_is_warned(monkeypatch, make_cfg, caplog, flags, warned):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
-    with caplog.at_level(logging.WARNING, logger="shakegpt.train"):
+    with caplog.at_level(logging.WARNING, logger="shakegpt.run.train"):
         train(cfg)
     said = "warning: trainer.precision=bf16-mixed on a CPU without native bf16 (no AMX or AVX512-BF16)"
     assert (said in caplog.text) == warned, caplog.text
@@ -126,7 +127,7 @@ def test_the_emulated_bf16_warning_comes_from_rank_zero_only(monkeypatch, make_c
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
-    with caplog.at_level(logging.WARNING, logger="shakegpt.train"):
+    with caplog.at_level(logging.WARNING, logger="shakegpt.run.train"):
         train(cfg)
     assert "without native bf16" not in caplog.text
 

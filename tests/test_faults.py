@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from shakegpt.callbacks import AtomicCheckpointIO
-from shakegpt.checkpoint import resolve_resume
 from shakegpt.errors import CheckpointError, ConfigError, TrainingFailed
-from shakegpt.failures import report_lost_ranks
-from shakegpt.module import LitGPT, lr_factor
-from shakegpt.results import read_scalars
-from shakegpt.train import train
+from shakegpt.run.failures import report_lost_ranks
+from shakegpt.run.records import read_scalars
+from shakegpt.run.train import train
+from shakegpt.training.callbacks import AtomicCheckpointIO
+from shakegpt.training.checkpoint import resolve_resume
+from shakegpt.training.module import LitGPT, lr_factor
 
 from .conftest import ROOT, compose_cfg, start_training, train_command
 from .tb import hparams, hparams_view, load_run
@@ -181,7 +181,7 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
         "trainer.max_steps=10",
         "model.dropout=0.1",
     )
-    with caplog.at_level(logging.INFO, logger="shakegpt.module"):
+    with caplog.at_level(logging.INFO, logger="shakegpt.training.module"):
         train(
             compose_cfg(
                 second, adamw, "trainer.val_check_interval=3", "optim.warmup_steps=2", *new, f"ckpt_path={first}"
@@ -251,7 +251,7 @@ def _fail_writes_after(monkeypatch, n_ok: int, err: int = errno.ENOSPC):
             raise OSError(err, os.strerror(err))
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr("shakegpt.callbacks.torch.save", save)
+    monkeypatch.setattr("shakegpt.training.callbacks.torch.save", save)
 
 
 def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -273,7 +273,7 @@ def test_a_failure_before_the_first_step_leaves_no_untrained_checkpoint(tmp_path
     def boom(self, batch, batch_idx):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("shakegpt.module.LitGPT.training_step", boom)
+    monkeypatch.setattr("shakegpt.training.module.LitGPT.training_step", boom)
     with pytest.raises(
         TrainingFailed,
         match=r"^out of memory: lower data.batch_size, data.seq_len or the model's size; "

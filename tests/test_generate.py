@@ -129,9 +129,9 @@ def test_one_set_of_sampling_defaults_everywhere(make_cfg):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from shakegpt.callbacks import TextSample
     from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P, stream
-    from shakegpt.module import LitGPT
+    from shakegpt.training.callbacks import TextSample
+    from shakegpt.training.module import LitGPT
 
     from .conftest import CONF
 

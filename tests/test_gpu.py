@@ -17,11 +17,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import shakegpt.train as train_mod
+import shakegpt.run.train as train_mod
 from shakegpt.corpus import RandomWindows, cut_windows
 from shakegpt.errors import ConfigError, DivergedError
 from shakegpt.hardware import StepChoices, step_choices
-from shakegpt.train import train
+from shakegpt.run.train import train
 
 from .conftest import ROOT
 
@@ -180,7 +180,7 @@ def test_gpu_kv_cache_equals_the_full_forward():
 @pytest.mark.gpu
 @needs_gpu
 def test_a_gpu_checkpoint_resumes_on_a_cpu_and_back(make_cfg, tmp_path):
-    from shakegpt.checkpoint import model_from_checkpoint
+    from shakegpt.training.checkpoint import model_from_checkpoint
 
     def run(steps: int, where: str, resume: bool):
         cfg = make_cfg(
@@ -206,10 +206,20 @@ def test_a_gpu_checkpoint_resumes_on_a_cpu_and_back(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_dry_on_a_cpu_into_an_archive_that_keep_accepts(tmp_path):
-    from shakegpt.results import main as results_main
+    from shakegpt.commands.results import main as results_main
 
     out = tmp_path / "check"
-    cmd = [sys.executable, "-m", "shakegpt.bench", "--gpu-check", "--dry-run", "--out", str(out), "--minutes", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shakegpt.bench",  # the path docs gave before the layers: it still runs the check
+        "--gpu-check",
+        "--dry-run",
+        "--out",
+        str(out),
+        "--minutes",
+        "4",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     archive = out / "gpu-check.tar.gz"
@@ -228,7 +238,7 @@ def test_the_gpu_check_runs_dry_on_a_cpu_into_an_archive_that_keep_accepts(tmp_p
     assert bench["lightning_auto_v3_ms_per_step"] > 0 and bench["lightning_ddp_v3_ms_per_step"] > 0
     assert "skipped" in (out / "pytest-gpu.txt").read_text()  # no GPU here: each GPU test says why it did not run
 
-    from shakegpt.gpu_check import run_check
+    from shakegpt.commands.gpu_check import run_check
 
     with pytest.raises(SystemExit, match="holds an earlier check"):  # a second check in the same folder
         run_check(out, dry_run=True)

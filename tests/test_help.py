@@ -27,7 +27,9 @@ def test_train_help_lists_groups_and_examples_not_the_config_dump():
     assert f"the quickstart: {steps} steps" in out  # the example states the preset's own length
 
 
-@pytest.mark.parametrize(("module", "first"), [("shakegpt.sample", "Stream text"), ("shakegpt.evaluate", "Val loss")])
+@pytest.mark.parametrize(
+    ("module", "first"), [("shakegpt.commands.sample", "Stream text"), ("shakegpt.commands.evaluate", "Val loss")]
+)
 def test_sample_and_evaluate_help_cover_their_own_keys(module, first):
     r = run("-m", module, "--help")
     assert r.returncode == 0 and r.stdout.startswith(first), r.stderr[-2000:]
@@ -35,7 +37,7 @@ def test_sample_and_evaluate_help_cover_their_own_keys(module, first):
     assert "model/pos_encoding" not in r.stdout and "hparams_search" not in r.stdout  # training's groups are not theirs
 
 
-@pytest.mark.parametrize("module", ["shakegpt.sample", "shakegpt.evaluate"])
+@pytest.mark.parametrize("module", ["shakegpt.commands.sample", "shakegpt.commands.evaluate"])
 def test_a_missing_checkpoint_is_one_line(module):
     r = run("-m", module)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr

@@ -11,14 +11,16 @@ import shakegpt.__main__ as entry
 @pytest.mark.parametrize(
     ("argv", "module", "args"),
     [
-        ([], "shakegpt.train", []),
-        (["model=v3", "trainer.devices=2"], "shakegpt.train", ["model=v3", "trainer.devices=2"]),
-        (["train", "model=v1"], "shakegpt.train", ["model=v1"]),
-        (["sample", "ckpt_path=run"], "shakegpt.sample", ["ckpt_path=run"]),
-        (["evaluate", "ckpt_path=run"], "shakegpt.evaluate", ["ckpt_path=run"]),
-        (["eval", "ckpt_path=run"], "shakegpt.evaluate", ["ckpt_path=run"]),
-        (["export", "run", "bundle"], "shakegpt.export", ["run", "bundle"]),
-        (["results", "table"], "shakegpt.results", ["table"]),
+        ([], "shakegpt.commands.train", []),
+        (["model=v3", "trainer.devices=2"], "shakegpt.commands.train", ["model=v3", "trainer.devices=2"]),
+        (["train", "model=v1"], "shakegpt.commands.train", ["model=v1"]),
+        (["sample", "ckpt_path=run"], "shakegpt.commands.sample", ["ckpt_path=run"]),
+        (["evaluate", "ckpt_path=run"], "shakegpt.commands.evaluate", ["ckpt_path=run"]),
+        (["eval", "ckpt_path=run"], "shakegpt.commands.evaluate", ["ckpt_path=run"]),
+        (["export", "run", "bundle"], "shakegpt.commands.export", ["run", "bundle"]),
+        (["results", "table"], "shakegpt.commands.results", ["table"]),
+        (["bench", "--presets", "v1"], "shakegpt.commands.bench", ["--presets", "v1"]),
+        (["gpu-check", "--dry-run"], "shakegpt.commands.gpu_check", ["--dry-run"]),
     ],
 )
 def test_each_command_gets_its_own_arguments(monkeypatch, argv, module, args):

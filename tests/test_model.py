@@ -149,7 +149,7 @@ def test_overfitting_one_batch_drives_the_loss_down():
 def test_a_new_position_encoding_is_one_registered_class(request, make_cfg):
     """Registering a class is all the code a new encoding needs: the config, the model and training take it."""
     from shakegpt.pos_encoding import PositionEncoding, register
-    from shakegpt.train import train
+    from shakegpt.run.train import train
 
     request.addfinalizer(lambda: POS_ENCODINGS.pop("every_other", None))
 
@@ -275,7 +275,7 @@ def test_the_val_pass_reports_the_last_positions_loss_alone(norm):
     character (evaluate's `last pos` column; docs/results.md compares the two norms with it)."""
     import torch.nn.functional as F
 
-    from shakegpt.val_pass import full_val_pass
+    from shakegpt.training.val_pass import full_val_pass
 
     torch.manual_seed(0)
     model = GPT(tiny(norm=norm, max_seq_len=8)).eval()

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from shakegpt import hardware
-from shakegpt.checks import check_optim
 from shakegpt.errors import ConfigError
 from shakegpt.model import GPT, GPTConfig
-from shakegpt.optim import Muon, MuonWithAdamW, build_optimizer, orthogonalize
-from shakegpt.results import read_scalars
-from shakegpt.train import train
+from shakegpt.optim import Muon, MuonWithAdamW, build_optimizer, check_optim, orthogonalize
+from shakegpt.run.records import read_scalars
+from shakegpt.run.train import train
 
 from .conftest import PRESETS, compose_cfg
 

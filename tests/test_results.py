@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from shakegpt.commands.results import keep, load_reference, plot, table
 from shakegpt.errors import ConfigError
-from shakegpt.results import keep, last_sample, load_reference, plot, read_scalars, summarize, sweep_table, table
+from shakegpt.run.records import last_sample, read_scalars, summarize, sweep_table
 
 from .conftest import compose_cfg
 from .tb import load_run, texts
@@ -116,10 +117,15 @@ def text_samples(run_dir: Path) -> list[tuple[int, str]]:
 def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
     """`python train.py <overrides>` composes today to the config the kept run `ref` trained with."""
     kept = OmegaConf.load(ref / "config.yaml")
+    # runs kept before the layers name the Lightning classes by their earlier module paths
+    for group in ("data", "callbacks", "logger"):
+        for node in [kept[group], *(v for v in kept[group].values() if isinstance(v, DictConfig))]:
+            if str(node.get("_target_", "")).startswith(("shakegpt.callbacks.", "shakegpt.data.")):
+                node._target_ = node._target_.replace("shakegpt.", "shakegpt.training.", 1)
     # runs kept before RunCheckpoint used Lightning's ModelCheckpoint, which it subclasses: it changes
     # only when last.ckpt is written (at every validation, not only beside a new best), not training
     if kept.callbacks.checkpoint._target_ == "lightning.pytorch.callbacks.ModelCheckpoint":
-        kept.callbacks.checkpoint._target_ = "shakegpt.callbacks.RunCheckpoint"
+        kept.callbacks.checkpoint._target_ = "shakegpt.training.callbacks.RunCheckpoint"
     # and before the text samples could take top_p (null then and by default now: the same samples)
     if "top_p" not in kept.callbacks.text_sample:
         kept.callbacks.text_sample.top_p = "${sample.top_p}"
@@ -243,7 +249,7 @@ def _fake_sweep(root: Path) -> Path:
 
 
 def test_any_set_of_runs_plots_with_every_line_in_the_legend_and_a_zoom(tmp_path):
-    from shakegpt.results import main, runs_to_plot
+    from shakegpt.commands.results import main, runs_to_plot
 
     sweep = _fake_sweep(tmp_path)
     assert [label for label, _ in runs_to_plot([sweep])] == [

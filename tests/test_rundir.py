@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from omegaconf import read_write
 
-from shakegpt.configs import MAX_NAME_BYTES, path_safe
-from shakegpt.console import quoted, summary
-from shakegpt.rundir import claim
+from shakegpt.run.configs import MAX_NAME_BYTES, path_safe
+from shakegpt.run.console import quoted, summary
+from shakegpt.run.rundir import claim
 
 from .conftest import ROOT, TINY
 
@@ -56,17 +56,17 @@ def test_the_commands_a_run_ends_with_reach_hydra_as_the_path(path):
 
     line = next(x for x in summary(Path(path), None, None, 1).splitlines() if x.startswith("sample"))
     args = shlex.split(line.split(maxsplit=1)[1])
-    assert args[:2] == ["python", "-m"] and len(args) == 4
-    (parsed,) = OverridesParser.create().parse_overrides([args[3]])
+    assert args[:4] == ["python", "-m", "shakegpt", "sample"] and len(args) == 5
+    (parsed,) = OverridesParser.create().parse_overrides([args[4]])
     assert parsed.key_or_group == "ckpt_path" and parsed.value() == path and not parsed.is_sweep_override()
     if "," not in path and " " not in path:
-        assert args[3] == f"ckpt_path={path}"  # plain when nothing needs quoting
+        assert args[4] == f"ckpt_path={path}"  # plain when nothing needs quoting
 
 
 def test_a_sweep_names_its_swept_keys_to_its_jobs():
     from omegaconf import OmegaConf
 
-    from shakegpt.rundir import swept_keys
+    from shakegpt.run.rundir import swept_keys
 
     cfg = OmegaConf.create(
         {
@@ -138,7 +138,7 @@ def _hydra_cfg(*overrides: str):
 
 
 def test_sweeps_started_together_get_their_own_directories_and_their_jobs_follow(tmp_path, monkeypatch):
-    from shakegpt.rundir import PrepareRun
+    from shakegpt.run.rundir import PrepareRun
 
     monkeypatch.chdir(tmp_path)
     dirs = []
@@ -155,7 +155,7 @@ def test_sweeps_started_together_get_their_own_directories_and_their_jobs_follow
 
 
 def test_a_sweep_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
-    from shakegpt.rundir import PrepareRun
+    from shakegpt.run.rundir import PrepareRun
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").write_text("a file where the folder would go")

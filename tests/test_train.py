@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from shakegpt.callbacks import original_log_line
-from shakegpt.data import CharDataModule
 from shakegpt.hardware import cpu_has_fast_bf16
-from shakegpt.hparams import differing, hparams_of
-from shakegpt.module import LitGPT, lr_factor
-from shakegpt.train import train
+from shakegpt.run.hparams import differing, hparams_of
+from shakegpt.run.train import train
+from shakegpt.training.callbacks import original_log_line
+from shakegpt.training.data import CharDataModule
+from shakegpt.training.module import LitGPT, lr_factor
 
 from .conftest import ROOT, TINY, compose_cfg, start_training, wait_for_log
 from .tb import hparams, hparams_view, load_run, scalars, texts
@@ -147,7 +147,7 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
             next((out / "checkpoints").glob("best-*.ckpt")).name
         ),
         f"watch    tensorboard --logdir {out}",
-        f"sample   python -m shakegpt.sample ckpt_path={out}",
+        f"sample   python -m shakegpt sample ckpt_path={out}",
         f"resume   this run's command + ckpt_path={out} trainer.max_steps=<more>",
     ]
     # TensorBoard's HParams tab: the run by its directory's name, its command-line keys first

@@ -7,7 +7,7 @@ Names (conf/hydra/default.yaml):
   with an atomic `mkdir`, so two runs started together never share a directory.
 - a sweep: `outputs/multiruns/<date>_<time>` (claimed the same way), one sub-directory per job,
   `<job number>_<the overrides the sweep varies>`, with a group's `/` written `-`; overrides longer than
-  `shakegpt.configs.MAX_NAME_BYTES` are cut and end in a hash of the whole (`path_safe`), so every
+  `shakegpt.run.configs.MAX_NAME_BYTES` are cut and end in a hash of the whole (`path_safe`), so every
   name fits any file system (255 bytes a name) and stays distinct.
 A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…`) is used as given.
 """
@@ -24,8 +24,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from shakegpt.console import quoted
 from shakegpt.errors import JOB_ERROR_FILE, ShakeGPTError
+from shakegpt.run.console import quoted
 
 MAX_CLAIM_TRIES = 1000
 
@@ -54,7 +54,7 @@ class PrepareRun(Callback):
     each job's config is checked when the job starts, so one bad job fails alone."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from shakegpt.checks import check_train_config
+        from shakegpt.run.checks import check_train_config
 
         HydraConfig.instance().set_config(config)  # so that ${hydra:...} resolves in the checks
         explicit = given_on_command_line(config, "hydra.run.dir")
@@ -103,7 +103,7 @@ class PrepareRun(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep's jobs, best first, on the terminal and in <sweep dir>/summary.md."""
-        from shakegpt.results import sweep_table
+        from shakegpt.run.records import sweep_table
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:

@@ -1,5 +1,6 @@
 """One training run from a composed Hydra config: build data, model, callbacks, logger and Trainer,
-fit, and return the run's metrics. `train.py` at the top level is the command-line entry."""
+fit, and return the run's metrics (`train`); and the same as one job of the command line (`run_job`).
+The command itself is `shakegpt.commands.train`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -21,18 +21,18 @@ from lightning.pytorch.callbacks import Checkpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from shakegpt.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout
-from shakegpt.checkpoint import check_resumable
-from shakegpt.checks import check_train_config
-from shakegpt.configs import CONF_DIR
-from shakegpt.console import FILE_ONLY, header, summary
 from shakegpt.errors import ShakeGPTError, TrainingFailed
-from shakegpt.failures import describe_failure, report_lost_ranks
 from shakegpt.hardware import emulated_bf16_warning, physical_cores, step_choices
-from shakegpt.hparams import differing, hparams_of, param_counts
-from shakegpt.module import LitGPT
-from shakegpt.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
-from shakegpt.sweep_ddp import sweep_job
+from shakegpt.logs import FILE_ONLY
+from shakegpt.run.checks import check_train_config
+from shakegpt.run.console import header, summary
+from shakegpt.run.failures import describe_failure, report_lost_ranks
+from shakegpt.run.hparams import differing, hparams_of, param_counts
+from shakegpt.run.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
+from shakegpt.run.sweep_ddp import sweep_job
+from shakegpt.training.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout
+from shakegpt.training.checkpoint import check_resumable
+from shakegpt.training.module import LitGPT
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,9 @@ def train(
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run_job(cfg: DictConfig) -> float | None:
+    """One training job as the command line runs it, inside Hydra (a single run or a sweep's job): train,
+    tell a user's error in one line, and return the metric a sweeper optimizes (`optimized_metric`)."""
     torch.set_float32_matmul_precision("high")
     # a deprecation inside Lightning that users can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")

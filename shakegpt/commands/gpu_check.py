@@ -1,4 +1,4 @@
-"""`python -m shakegpt.bench --gpu-check`: everything a lent GPU should run, in one go.
+"""`python -m shakegpt gpu-check`: everything a lent GPU should run, in one go.
 
 On one CUDA GPU, within a budget of running time (`--minutes`, default 5, so that a rerun fits in a
 short loan), writing into `--out` as it goes:
@@ -17,7 +17,7 @@ short loan), writing into `--out` as it goes:
    one device, to say what each adds.
 
 After each part the archive `gpu-check.tar.gz` in `--out` is written again, so a check cut short
-still leaves what it finished. `python -m shakegpt.results keep <out>/gpu-check.tar.gz --member
+still leaves what it finished. `python -m shakegpt results keep <out>/gpu-check.tar.gz --member
 v3-original --name v3-gpu --command "python train.py …"` keeps a run from it.
 
 `--dry-run` runs the same flow on the CPU at tiny sizes (the tiny corpus, a few steps, and
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from shakegpt.bench import Loop, matmul_peak, mfu_peak, sync
+from shakegpt.timing import Loop, flops_per_step, matmul_peak, mfu_peak, sync
 
 ARCHIVE = "gpu-check.tar.gz"
 # the original v2 and v3 recipes as configured (causal), and with the original runs' own norm
@@ -52,8 +52,8 @@ RUNS = {
     "v3-seqnorm": ["model=v3", "model/norm=seq_layernorm"],
 }
 BENCH_PRESETS = ("v1", "v2", "v3", "nanogpt")
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "fixtures" / "tiny_corpus.txt"
+REPO = Path(__file__).resolve().parents[2]  # the checkout (or site-packages): where `python -m shakegpt` runs from
+DRY_CORPUS_CHARS = 20_000  # the dry run trains on the corpus's first characters only
 # the dry run's sizes: every preset shrunk to seconds on a CPU
 DRY_DATA = ["data.batch_size=4", "data.seq_len=32"]
 DRY_RUN = [*DRY_DATA, "trainer.max_steps=4", "trainer.val_check_interval=2", "sample.num_chars=20"]
@@ -144,7 +144,7 @@ def start_runs(check: Check, names: list[str]) -> dict[str, tuple[subprocess.Pop
 
 
 def finish_runs(check: Check, runs: dict[str, tuple[subprocess.Popen, Path]]) -> dict:
-    from shakegpt.results import summarize
+    from shakegpt.run.records import summarize
 
     results = {}
     for name, (proc, run_dir) in runs.items():
@@ -182,7 +182,7 @@ def gpu_tests(check: Check) -> dict:
 def _compose(preset: str, extra: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from shakegpt.configs import CONF_DIR
+    from shakegpt.run.configs import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train", overrides=[f"model={preset}", "optim=adamw", *extra])
@@ -214,8 +214,8 @@ def lightning_step_seconds(cfg, device: str, strategy: str, steps: int, warmup: 
     import lightning as L
     from omegaconf import OmegaConf
 
-    from shakegpt.data import CharDataModule
-    from shakegpt.module import LitGPT
+    from shakegpt.training.data import CharDataModule
+    from shakegpt.training.module import LitGPT
 
     times: list[float] = []
 
@@ -261,9 +261,8 @@ def lightning_step_seconds(cfg, device: str, strategy: str, steps: int, warmup: 
 def bench(check: Check) -> dict:
     from omegaconf import OmegaConf
 
-    from shakegpt.bench import flops_per_step
-    from shakegpt.data import CharDataModule
     from shakegpt.model import GPTConfig
+    from shakegpt.training.data import CharDataModule
 
     env = json.loads((check.out / "env.json").read_text())
     # the faster peak: bf16's on a GPU; fp32's in a dry run on a CPU without native bf16 (as bench's MFU)
@@ -308,6 +307,15 @@ def bench(check: Check) -> dict:
     return results
 
 
+def dry_corpus(corpus: Path, out: Path) -> Path:
+    """The first DRY_CORPUS_CHARS characters of `corpus`, as a file in `out`: enough for a dry run."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "dry-corpus.txt"
+    with corpus.open(encoding="utf-8") as f:
+        path.write_text(f.read(DRY_CORPUS_CHARS), encoding="utf-8")
+    return path
+
+
 def run_check(
     out: str | Path,
     minutes: float = 5.0,
@@ -330,7 +338,10 @@ def run_check(
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_float32_matmul_precision("high")
-    check = Check(Path(out), minutes, dry_run, Path(data) if data else TINY if dry_run else resolve_corpus())
+    corpus = Path(data) if data else resolve_corpus()
+    if dry_run and not data:
+        corpus = dry_corpus(corpus, Path(out))
+    check = Check(Path(out), minutes, dry_run, corpus)
     summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_minutes": minutes}
     summary["env"] = environment(check)
     check.write_json("env.json", summary["env"])
@@ -357,7 +368,7 @@ def run_check(
 def main(argv: list[str] | None = None) -> Path:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m shakegpt.bench --gpu-check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m shakegpt gpu-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu-check", help="folder for the results and the archive (default: %(default)s)")
     p.add_argument("--minutes", type=float, default=5.0, help="running-time budget (default: %(default)s)")
     p.add_argument("--data", default=None, help="corpus path (default: $SHAKEGPT_DATA, the cache, or download)")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shakegpt.checkpoint import step_of
+from shakegpt.training.checkpoint import step_of
 
 log = logging.getLogger(__name__)
 WRITE_ERRNOS = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}

@@ -3,30 +3,9 @@ header, and a closing summary that says where the run is and what to do with it.
 
 from __future__ import annotations
 
-import logging
 import re
 import shlex
 from pathlib import Path
-
-from tqdm import tqdm
-
-# `log.info(..., extra=FILE_ONLY)`: a detail for train.log that the terminal's header already sums up
-FILE_ONLY = {"file_only": True}
-
-
-class TqdmHandler(logging.StreamHandler):
-    """A console handler that writes through `tqdm.write`, so a log line printed while the progress
-    bar is drawn lands above the bar instead of being glued onto it. Records logged with
-    `extra=FILE_ONLY` are left to the log file."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "file_only", False):
-            return
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-            self.flush()
-        except Exception:
-            self.handleError(record)
 
 
 def header(
@@ -72,7 +51,7 @@ def summary(run_dir: Path, best: str | None, best_loss: float | None, steps: int
         lines.append(f"best     {Path(best).name} (val loss {best_loss:.4f})")
     lines += [
         f"watch    tensorboard --logdir {shlex.quote(run_dir)}",
-        f"sample   python -m shakegpt.sample {ckpt}",
+        f"sample   python -m shakegpt sample {ckpt}",
         f"resume   this run's command + {ckpt} trainer.max_steps=<more>",
     ]
     return "\n".join(lines)

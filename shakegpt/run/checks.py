@@ -1,7 +1,7 @@
 """Every check a training config must pass before any work starts.
 
 `check_train_config(cfg, output_dir)` runs before Hydra makes the run directory (from the Hydra
-callback in `shakegpt.rundir`) and again at the top of `train()`, so a notebook, a test or a sweep
+callback in `shakegpt.run.rundir`) and again at the top of `train()`, so a notebook, a test or a sweep
 job gets the same checks. Each failure is one `ConfigError` (or `DataError`/`CheckpointError`)
 whose message names the key, the value and what is accepted. Checks that need the corpus (the
 vocabulary size, a resumed run's vocabulary) run in `train()` once the corpus is read, still before
@@ -14,24 +14,21 @@ refuse a bad value before paying for those imports.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-from shakegpt.errors import ConfigError, DataError
+from shakegpt.errors import ConfigError, DataError, is_int, is_number, non_negative_int, positive_int
+from shakegpt.sampling import check_sampling
 
 # torch.manual_seed and Lightning's seed_everything accept this range
 SEED_RANGE = (0, 2**32 - 1)
-SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("adamw", "muon")  # optim=adamw|muon (shakegpt/optim.py)
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "64", "bf16", "16")
 # what train() returns to a sweeper must be one of the metrics a run logs
 METRICS = (
@@ -50,19 +47,6 @@ METRICS = (
 CHECKPOINT_BYTES_PER_PARAM = 12
 
 
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def is_number(v: Any) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def is_sequence(v: Any) -> bool:
-    """A list, a tuple or an OmegaConf ListConfig (without importing OmegaConf)."""
-    return isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig"
-
-
 def require(cfg: Any, key: str, what: str) -> None:
     """A required key (`???` in the config) must be given on the command line."""
     from omegaconf import OmegaConf
@@ -71,72 +55,10 @@ def require(cfg: Any, key: str, what: str) -> None:
         raise ConfigError(f"{key} is required: {what}")
 
 
-def check_sampling(temperature: Any, top_k: Any, top_p: Any, prefix: str = "") -> None:
-    """Refuse sampling settings that cannot work, naming the key (`prefix` + name) and the value."""
-    if not is_number(temperature) or temperature <= 0:
-        raise ConfigError(f"{prefix}temperature={temperature!r} is invalid; it must be > 0")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ConfigError(f"{prefix}top_k={top_k!r} is invalid; it must be an integer >= 1, or null for no limit")
-    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
-        raise ConfigError(f"{prefix}top_p={top_p!r} is invalid; it must be in (0, 1], or null for no limit")
-
-
-def positive_int(key: str, v: Any, why: str = "") -> None:
-    if not is_int(v) or v <= 0:
-        raise ConfigError(f"{key}={v!r} is invalid; it must be a positive integer{why}")
-
-
-def non_negative_int(key: str, v: Any) -> None:
-    if not is_int(v) or v < 0:
-        raise ConfigError(f"{key}={v!r} is invalid; it must be an integer >= 0")
-
-
-def check_optim(optim: Mapping) -> None:
-    lr = optim.get("lr")
-    if not is_number(lr) or lr <= 0:
-        raise ConfigError(f"optim.lr={lr!r} is invalid; it must be > 0")
-    wd = optim.get("weight_decay")
-    if not is_number(wd) or wd < 0:
-        raise ConfigError(f"optim.weight_decay={wd!r} is invalid; it must be a number >= 0 (0 turns it off)")
-    betas = optim.get("betas")
-    if not is_sequence(betas) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1 for b in betas):
-        shown = list(betas) if is_sequence(betas) else betas
-        raise ConfigError(
-            f"optim.betas={shown!r} is invalid; it must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.99]"
-        )
-    non_negative_int("optim.warmup_steps", optim.get("warmup_steps"))
-    ratio = optim.get("min_lr_ratio")
-    if not is_number(ratio) or not 0 <= ratio <= 1:
-        raise ConfigError(
-            f"optim.min_lr_ratio={ratio!r} is invalid; it must be in [0, 1] (the final lr as a share of optim.lr)"
-        )
-    schedule = optim.get("schedule")
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    name = optim.get("name", "adamw")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)} (optim=muon)")
-    momentum = optim.get("muon_momentum", 0.95)
-    if not is_number(momentum) or not 0 <= momentum < 1:
-        raise ConfigError(f"optim.muon_momentum={momentum!r} is invalid; it must be in [0, 1)")
-    if name == "muon":
-        from shakegpt.optim import require_muon  # imports torch: only for the optimizer that needs it
-
-        require_muon()
-
-
 def check_seed(seed: Any) -> None:
     lo, hi = SEED_RANGE
     if not is_int(seed) or not lo <= seed <= hi:
         raise ConfigError(f"seed={seed!r} is invalid; it must be an integer from {lo} to {hi}")
-
-
-def check_data(batch_size: Any, seq_len: Any, val_fraction: Any, num_workers: Any = 0) -> None:
-    positive_int("data.batch_size", batch_size)
-    positive_int("data.seq_len", seq_len)
-    if not is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction!r} is invalid; it must be in (0, 1)")
-    non_negative_int("data.num_workers", num_workers)
 
 
 def check_trainer(tcfg: Mapping) -> None:
@@ -167,8 +89,10 @@ def check_trainer(tcfg: Mapping) -> None:
         raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     import torch
 
+    from shakegpt.hardware import on_cuda
+
     devices, accelerator = tcfg.get("devices"), str(tcfg.get("accelerator"))
-    gpu_wanted = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu_wanted = on_cuda(accelerator)
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.accelerator={accelerator} but this machine has no usable GPU; use trainer.accelerator=cpu or auto"
@@ -244,16 +168,14 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
-def check_compile(value: Any) -> None:
-    if not (value == "auto" or isinstance(value, bool)):
-        raise ConfigError(f"compile={value!r} is not one of auto, true, false")
-
-
 def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True) -> None:
     """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
     the returned metric, and the run directory (writable, free space, not another run's)."""
-    from shakegpt.checkpoint import check_resumable
+    from shakegpt.hardware import check_compile
     from shakegpt.model import GPTConfig
+    from shakegpt.optim import check_optim
+    from shakegpt.training.checkpoint import check_resumable
+    from shakegpt.training.data import check_data
 
     check_seed(cfg.get("seed"))
     check_compile(cfg.get("compile", "auto"))

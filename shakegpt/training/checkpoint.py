@@ -5,7 +5,7 @@ malicious file cannot execute anything. An exported bundle is a directory of pla
 `model.safetensors` (weights), `config.json` (GPTConfig), `tokenizer.json` (vocabulary) — that
 loads with neither Lightning nor Hydra:
 
-    from shakegpt.checkpoint import load_bundle
+    from shakegpt.training.checkpoint import load_bundle
     model, tokenizer = load_bundle("bundle/")
 """
 
@@ -194,7 +194,7 @@ def load_bundle(path: str | Path) -> tuple[GPT, CharTokenizer]:
     p = Path(path).expanduser()
     missing = [n for n in BUNDLE_FILES if not (p / n).is_file()]
     if missing:
-        raise CheckpointError(f"bundle {p} lacks {', '.join(missing)}; export one with python -m shakegpt.export")
+        raise CheckpointError(f"bundle {p} lacks {', '.join(missing)}; export one with python -m shakegpt export")
     try:
         cfg = GPTConfig.from_dict(json.loads((p / "config.json").read_text()))
         tokenizer = CharTokenizer.load(p / "tokenizer.json")

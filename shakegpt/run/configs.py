@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # shakegpt/
 
 
 def checkout() -> Path | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from shakegpt.console import FILE_ONLY
+from shakegpt.logs import FILE_ONLY
 from shakegpt.model import GPT, original_formula_params
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The deterministic full pass over the validation split, in plain PyTorch: every non-overlapping
 window once, the mean loss and accuracy over every character. Training logs the same numbers as
-val/* (through Lightning, shared across DDP ranks); `shakegpt.evaluate` uses this pass directly."""
+val/* (through Lightning, shared across DDP ranks); `shakegpt.commands.evaluate` uses this pass directly."""
 
 from __future__ import annotations
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from shakegpt.checks import check_data
-from shakegpt.console import FILE_ONLY
 from shakegpt.corpus import (
     TINYSHAKESPEARE_SHA256,
     TINYSHAKESPEARE_URL,
@@ -22,9 +21,19 @@ from shakegpt.corpus import (
     resolve_corpus,
     split_ids,
 )
+from shakegpt.errors import ConfigError, is_number, non_negative_int, positive_int
+from shakegpt.logs import FILE_ONLY
 from shakegpt.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
+
+
+def check_data(batch_size: Any, seq_len: Any, val_fraction: Any, num_workers: Any = 0) -> None:
+    positive_int("data.batch_size", batch_size)
+    positive_int("data.seq_len", seq_len)
+    if not is_number(val_fraction) or not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={val_fraction!r} is invalid; it must be in (0, 1)")
+    non_negative_int("data.num_workers", num_workers)
 
 
 class CharDataModule(L.LightningDataModule):

@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from shakegpt.errors import ShakeGPTError
-from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P
+from shakegpt.sampling import TEMPERATURE, TOP_K, TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +161,19 @@ class HParamsWithMetric(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from shakegpt.tb_summaries import hparams_start
+        from shakegpt.training.tb_summaries import hparams_start
 
         self._write(trainer, hparams_start(self.params, self.differing, self.METRICS, self.name))
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from shakegpt.tb_summaries import hparams_end
+        from shakegpt.training.tb_summaries import hparams_end
 
         self._write(trainer, [hparams_end("STATUS_SUCCESS")])
 
     @rank_zero_only
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        from shakegpt.tb_summaries import hparams_end
+        from shakegpt.training.tb_summaries import hparams_end
 
         self._write(trainer, [hparams_end("STATUS_FAILURE")])  # stopped, crashed or diverged: not finished
 

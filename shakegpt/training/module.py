@@ -14,13 +14,13 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from shakegpt.checks import check_optim
 from shakegpt.errors import ConfigError, DivergedError
-from shakegpt.generate import TEMPERATURE, TOP_K, TOP_P, stream_text
+from shakegpt.generate import stream_text
 from shakegpt.model import GPT, GPTConfig
-from shakegpt.optim import build_optimizer, group_settings
+from shakegpt.optim import build_optimizer, check_optim, group_settings
+from shakegpt.sampling import TEMPERATURE, TOP_K, TOP_P
 from shakegpt.tokenizer import CharTokenizer
-from shakegpt.val_pass import loss_and_accuracy
+from shakegpt.training.val_pass import loss_and_accuracy
 
 LN2 = math.log(2.0)
 log = logging.getLogger(__name__)
