@@ -24,10 +24,9 @@ from torch import nn
 
 from shakegpt.errors import ConfigError
 from shakegpt.fast_cpu import ByteDropout, linear
+from shakegpt.mlps import MLPS
+from shakegpt.norms import NORMS
 from shakegpt.pos_encoding import POS_ENCODINGS, PositionEncoding, build_pos_encoding
-
-NORMS = ("layernorm", "rmsnorm", "seq_layernorm")
-MLPS = ("gelu", "relu2", "swiglu")
 
 
 @dataclass
@@ -45,8 +44,8 @@ class GPTConfig:
     max_seq_len: int = 256
     pos_encoding: str = "learned"
     rope_base: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm | seq_layernorm (the original runs': not causal)
-    mlp: str = "gelu"  # gelu | relu2 (ReLU squared) | swiglu (a gated unit: 3 matrices of d_ff)
+    norm: str = "layernorm"  # a name in shakegpt.norms.NORMS; seq_layernorm (the original runs') is not causal
+    mlp: str = "gelu"  # a name in shakegpt.mlps.MLPS; swiglu is a gated unit (3 matrices of d_ff)
     qk_norm: bool = False  # RMS-normalize each head's queries and keys before attention
     logit_softcap: float | None = None  # squash the logits into (-cap, cap) with cap * tanh(logits / cap)
     zero_init_proj: bool = False  # start each block's two output projections at zero (an identity block)
@@ -102,7 +101,7 @@ class GPTConfig:
     def causal(self) -> bool:
         """Whether a position's output depends on earlier positions only. The original runs' norm
         over the (seq, d_model) plane mixes every position's statistics into every other's."""
-        return self.norm != "seq_layernorm"
+        return NORMS[self.norm].causal
 
     @property
     def head_dim(self) -> int:
@@ -196,53 +195,25 @@ class KVCache:
 
 
 class FeedForward(nn.Module):
-    """d_model -> d_ff -> d_model with GELU (GPT-2), ReLU squared (modded-nanogpt) or SwiGLU (a
-    SiLU gate times a second projection: `up` holds both, 2 * d_ff wide)."""
+    """d_model -> d_ff -> d_model with the activation `model.mlp` names (`shakegpt.mlps`); a gated one
+    (SwiGLU) gets an `up` projection as many d_ff wide as its halves."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.kind = cfg.mlp
-        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
-        self.up = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        spec = MLPS[cfg.mlp]
+        self.activation = spec.activation
+        self.up = nn.Linear(cfg.d_model, spec.halves * cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.dropout = ByteDropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = linear(x, self.up.weight, self.up.bias)
-        if self.kind == "gelu":
-            h = F.gelu(h)
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
+        h = self.activation(linear(x, self.up.weight, self.up.bias))
         y = linear(h, self.down.weight, self.down.bias)
         return self.dropout(y) if self.training else y
 
 
-class SeqLayerNorm(nn.Module):
-    """The original shakeGPT runs' LayerNorm: over each sequence's whole (seq, d_model) plane, with a
-    gain and a bias per position and channel. Every position's output depends on the mean and
-    variance of all positions, later ones included: the model is not causal. A sequence shorter
-    than `seq_len` is normalized over its own (T, d_model) plane with the first T rows of the gain
-    and bias."""
-
-    def __init__(self, seq_len: int, d_model: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(seq_len, d_model))
-        self.bias = nn.Parameter(torch.zeros(seq_len, d_model))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, C = x.shape[-2:]
-        return F.layer_norm(x, (T, C), self.weight[:T], self.bias[:T])
-
-
 def make_norm(cfg: GPTConfig) -> nn.Module:
-    if cfg.norm == "layernorm":
-        return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-    if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model)
-    return SeqLayerNorm(cfg.max_seq_len, cfg.d_model)
+    return NORMS[cfg.norm].build(cfg)
 
 
 class Block(nn.Module):
@@ -287,6 +258,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
+        # every norm module, whatever its parameters' shapes: the optimizer neither decays nor orthogonalizes them
+        self._norm_ids = {id(b.ln1) for b in self.blocks} | {id(b.ln2) for b in self.blocks} | {id(self.ln_f)}
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two projections to the residual stream
         for name, p in self.named_parameters():
@@ -355,6 +328,26 @@ class GPT(nn.Module):
                 raise AssertionError(f"parameter {name} belongs to no component")
             parts[key] += p.numel()
         return parts
+
+    def parameter_roles(self) -> dict[str, str]:
+        """Each trainable parameter's role, by the module it belongs to, not by its shape: "matrix" (a
+        block's attention or feed-forward weight), "embedding" (token and position tables), "head",
+        "norm" (any norm's gains and biases, even 2-D ones) or "bias" (a Linear's bias)."""
+        roles = {}
+        for name, p in self.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            module = self.get_submodule(owner)
+            if id(module) in self._norm_ids:
+                roles[name] = "norm"
+            elif name.startswith(("tok_emb", "pos.")):
+                roles[name] = "embedding"
+            elif name.startswith("head"):
+                roles[name] = "head"
+            elif leaf == "bias" or p.dim() < 2:
+                roles[name] = "bias"
+            else:
+                roles[name] = "matrix"
+        return roles
 
     def num_params(self, non_embedding: bool = False) -> int:
         parts = self.param_breakdown()

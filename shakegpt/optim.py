@@ -1,6 +1,7 @@
 """The optimizers a run can use, each one torch optimizer as Lightning sees it:
 
-- `adamw`: AdamW, with weight decay on matrices (Linear weights, embeddings), none on gains and biases;
+- `adamw`: AdamW, with weight decay on matrices (Linear weights, embeddings, the head), none on any norm's
+  parameters (2-D ones included) or biases: each parameter's role comes from `GPT.parameter_roles`;
 - `muon`: Muon (`torch.optim.Muon`) for the blocks' hidden matrices (attention and feed-forward
   weights), AdamW for the embeddings, the output head, gains and biases, as in modded-nanogpt.
   Muon's updates are scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so both follow the
@@ -70,9 +71,18 @@ def check_optim(optim: Mapping) -> None:
         require_muon()
 
 
-def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
-    """A 2-D weight inside a block: what Muon updates. Embeddings and the output head are not."""
-    return p.dim() == 2 and name.startswith("blocks.")
+def roles_of(model: nn.Module) -> dict[str, str]:
+    """Each parameter's role (`GPT.parameter_roles`); a model without roles is read by rank: a 2-D
+    weight inside `blocks.` is a matrix, other 2-D ones embeddings, the rest biases."""
+    if hasattr(model, "parameter_roles"):
+        return model.parameter_roles()
+    return {
+        n: ("matrix" if n.startswith("blocks.") else "embedding") if p.dim() >= 2 else "bias"
+        for n, p in model.named_parameters()
+    }
+
+
+DECAYED = ("matrix", "embedding", "head")  # weight decay pulls these towards 0; never gains or biases
 
 
 def build_optimizer(
@@ -85,22 +95,23 @@ def build_optimizer(
     fused: bool = True,
 ) -> torch.optim.Optimizer:
     """The optimizer `name` over the model's trainable parameters."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    roles = roles_of(model)
+    named = [(roles[n], p) for n, p in model.named_parameters() if p.requires_grad]
     fused = fused and all(p.device.type in ("cpu", "cuda") for _, p in named)
     if name == "adamw":
         return torch.optim.AdamW(_adamw_groups(named, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
     if name == "muon":
         require_muon()
-        hidden = [p for n, p in named if is_hidden_matrix(n, p)]
-        rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
+        hidden = [p for role, p in named if role == "matrix"]
+        rest = [(role, p) for role, p in named if role != "matrix"]
         return MuonWithAdamW(hidden, _adamw_groups(rest, weight_decay), lr, weight_decay, betas, momentum, fused)
     raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def _adamw_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+def _adamw_groups(with_roles: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
     return [
-        {"params": [p for _, p in named if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for _, p in named if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for role, p in with_roles if role in DECAYED], "weight_decay": weight_decay},
+        {"params": [p for role, p in with_roles if role not in DECAYED], "weight_decay": 0.0},
     ]
 
 
