@@ -1,9 +1,12 @@
-"""The tinyshakespeare corpus in plain PyTorch: where it comes from, how it is split, and how
-windows are drawn from it. (`shakegpt.training.data` wraps this as a LightningDataModule.)
+"""The corpus in plain PyTorch: where it comes from, how it is split, and how windows are drawn
+from it. (`shakegpt.training.data` wraps this as a LightningDataModule.) Any UTF-8 text file is a
+corpus; tinyshakespeare is the default.
 
-Corpus resolution order: `data.path` -> `$SHAKEGPT_DATA` -> local cache -> download from the
-char-rnn URL. A downloaded or cached copy is used only if its sha256 matches; downloads go to a
-temporary file that is renamed into place after verification, so a partial file is never used.
+Corpus resolution order: `data.path` -> `$SHAKEGPT_DATA` (a local copy of tinyshakespeare, so only
+for that corpus) -> the local cache -> a download from `data.url`. A downloaded or cached copy is
+used only if its sha256 matches; the cache keeps each source apart (a folder per URL and checksum);
+downloads go to a temporary file that is renamed into place after verification, so a partial file
+is never used.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -41,6 +45,34 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def cache_path(cache_dir: str | Path, url: str, sha256: str) -> Path:
+    """Where the cache keeps the file at `url` with checksum `sha256`: a folder per source, named by
+    the URL's last folder (readable) and a hash of the URL and checksum (distinct)."""
+    parts = [p for p in urllib.parse.urlparse(url).path.split("/") if p]
+    name = parts[-1] if parts else "corpus.txt"
+    folder = parts[-2] if len(parts) > 1 else "corpus"
+    key = hashlib.sha256(f"{url}\n{sha256}".encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"{folder}-{key}" / name
+
+
+# where shakegpt cached tinyshakespeare before the cache had a folder per source; a copy there is
+# still used when its checksum is the one asked for
+OLD_CACHE = Path("tinyshakespeare") / "input.txt"
+
+
+def check_source(path: object, url: object, sha256: object) -> None:
+    """A corpus needs a file (`data.path`) or a URL with its checksum (`data.url`, `data.sha256`)."""
+    if path:
+        return
+    if not url:
+        raise DataError("no corpus: set data.path=/path/to/your.txt (a UTF-8 text file), or data.url and data.sha256")
+    if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256.lower()):
+        raise DataError(
+            f"data.url={url} needs data.sha256, the file's sha256 as 64 hex digits (sha256sum prints it); "
+            f"got {sha256!r}"
+        )
+
+
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     """Fetch `url` to `dest` atomically; raise DataError if it cannot be fetched or its sha256 differs."""
     try:
@@ -49,7 +81,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     except OSError as e:
         raise DataError(
             f"cannot write the corpus cache {dest.parent} ({e.strerror or e}); set paths.cache_dir to a writable "
-            f"folder, or point data.path (or {ENV_VAR}) at a copy of input.txt"
+            f"folder, or point data.path at a copy of {dest.name}"
         ) from None
     try:
         log.info("downloading %s -> %s", url, dest)
@@ -59,8 +91,9 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
                     f.write(chunk)
         except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
             raise DataError(
-                f"could not download tinyshakespeare from {url} ({getattr(e, 'reason', e)}). "
-                f"Offline? Put a copy at {dest}, or set {ENV_VAR}=/path/to/input.txt, or pass data.path=/path/to/input.txt"
+                f"could not download the corpus from {url} ({getattr(e, 'reason', e)}). "
+                f"Offline? Put a copy at {dest}, or pass data.path=/path/to/{dest.name}"
+                + (f", or set {ENV_VAR}=/path/to/{dest.name}" if url == TINYSHAKESPEARE_URL else "")
             ) from None
         got = sha256_of(Path(tmp))
         if got != sha256:
@@ -82,13 +115,21 @@ def resolve_corpus(
     sha256: str = TINYSHAKESPEARE_SHA256,
 ) -> Path:
     """Return the path of the corpus to use, downloading it into the cache if needed."""
-    for given, origin in ((path, "data.path"), (os.environ.get(ENV_VAR), f"${ENV_VAR}")):
+    check_source(path, url, sha256)
+    local = [(path, "data.path")]
+    if url == TINYSHAKESPEARE_URL:
+        local.append((os.environ.get(ENV_VAR), f"${ENV_VAR}"))
+    for given, origin in local:
         if given:
             p = Path(given).expanduser()
             if not p.is_file():
                 raise DataError(f"{origin}={given} does not exist or is not a file")
             return p
-    cached = Path(cache_dir or default_cache_dir()).expanduser() / "tinyshakespeare" / "input.txt"
+    root = Path(cache_dir or default_cache_dir()).expanduser()
+    old = root / OLD_CACHE
+    if old.is_file() and sha256_of(old) == sha256:
+        return old
+    cached = cache_path(root, url, sha256)
     if cached.is_file():
         if sha256_of(cached) == sha256:
             return cached

@@ -15,6 +15,7 @@ run the same forward: a new norm or feed-forward is written once.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
@@ -108,11 +109,18 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
+    def from_dict(cls, d: Mapping, vocab_size: int | None = None) -> GPTConfig:
+        """The config of `d`; where `d` leaves `vocab_size` null (the presets do: it follows the corpus),
+        the given `vocab_size` (a corpus's characters + <unk>)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        d = dict(d)
+        if d.get("vocab_size", 0) is None:
+            if vocab_size is None:
+                raise ConfigError("model.vocab_size is null (the corpus's characters + <unk>) and no corpus was read")
+            d["vocab_size"] = vocab_size
         return cls(**d)
 
     def to_dict(self) -> dict:

@@ -1,21 +1,25 @@
-"""The optimizers a run can use, each one torch optimizer as Lightning sees it:
+"""The optimizers a run can use: a registry, name -> `OptimizerSpec`, each one torch optimizer as
+Lightning sees it, so the learning-rate schedule, gradient clipping and checkpoints work on all:
 
-- `adamw`: AdamW, with weight decay on matrices (Linear weights, embeddings, the head), none on any norm's
-  parameters (2-D ones included) or biases: each parameter's role comes from `GPT.parameter_roles`;
+- `adamw`: AdamW, with weight decay on matrices (Linear weights, embeddings, the head), none on any
+  norm's parameters (2-D ones included) or biases: each parameter's role comes from `GPT.parameter_roles`;
 - `muon`: Muon (`torch.optim.Muon`) for the blocks' hidden matrices (attention and feed-forward
   weights), AdamW for the embeddings, the output head, gains and biases, as in modded-nanogpt.
   Muon's updates are scaled to AdamW's RMS (`adjust_lr_fn="match_rms_adamw"`), so both follow the
   same learning rate and weight decay (torch's documentation: the scaling lets Muon reuse AdamW's).
-  On a CPU without native bf16 its Newton-Schulz iteration runs in fp32 (`Muon`): much faster there.
+  Where bf16 is emulated its Newton-Schulz iteration runs in fp32 (`Muon`).
 
-Both are single `torch.optim.Optimizer`s: the learning-rate schedule, gradient clipping and
-checkpoints work on them as on any optimizer.
+Every optimizer takes the settings every run has (`COMMON`: lr, weight decay, betas and the
+schedule's); one with settings of its own registers them with their defaults, and its yaml in
+`conf/optim/` sets them (`optim.<key>`). Adding one is `@register_optimizer` and a yaml.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +28,45 @@ from shakegpt.errors import ConfigError, is_number, is_sequence, non_negative_in
 from shakegpt.hardware import cpu_has_fast_bf16
 
 SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("adamw", "muon")  # optim=adamw|muon
+# the settings of every run's optimizer, whichever it is (`optim.name` picks it)
+COMMON = ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "schedule", "name")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer a run can use.
+
+    build(roles_and_params, *, lr, weight_decay, betas, fused, **settings) -> torch.optim.Optimizer,
+      where roles_and_params is [(role, parameter)] (roles: `GPT.parameter_roles`; decay only
+      `DECAYED` ones) and settings are its own, defaults filled in;
+    settings: its own settings (keys of `optim` beyond `COMMON`) and their defaults;
+    check(settings): raises ConfigError naming a bad value;
+    requires(): raises ConfigError where this torch cannot run it.
+    """
+
+    build: Callable[..., torch.optim.Optimizer]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Any]], None] | None = None
+    requires: Callable[[], None] | None = None
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {}
+
+
+def register_optimizer(
+    name: str,
+    *,
+    settings: Mapping[str, Any] | None = None,
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+    requires: Callable[[], None] | None = None,
+):
+    """Decorator: `build` becomes the optimizer `optim.name=<name>` (see `OptimizerSpec`)."""
+
+    def add(build: Callable[..., torch.optim.Optimizer]):
+        OPTIMIZERS[name] = OptimizerSpec(build, dict(settings or {}), check, requires)
+        return build
+
+    return add
 
 
 def has_muon() -> bool:
@@ -37,6 +79,25 @@ def require_muon() -> None:
             f"optim=muon needs torch.optim.Muon, which this torch ({torch.__version__}) does not have; "
             "upgrade torch, or use optim=adamw"
         )
+
+
+def spec_of(name: Any) -> OptimizerSpec:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)} (optim=<name>)")
+    return OPTIMIZERS[name]
+
+
+def own_settings(optim: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of `optim` that belong to its optimizer alone, its defaults filled in; a key that
+    is neither common nor the optimizer's is refused, naming the ones it has."""
+    name = optim.get("name", "adamw")
+    spec = spec_of(name)
+    given = {k: v for k, v in optim.items() if k not in COMMON}
+    unknown = sorted(set(given) - set(spec.settings))
+    if unknown:
+        keys = ", ".join(f"optim.{k}" for k in (*COMMON[:-1], *spec.settings))
+        raise ConfigError(f"optim.{unknown[0]} is not a setting of optim={name}; its settings: {keys}")
+    return {**spec.settings, **given}
 
 
 def check_optim(optim: Mapping) -> None:
@@ -61,14 +122,12 @@ def check_optim(optim: Mapping) -> None:
     schedule = optim.get("schedule")
     if schedule not in SCHEDULES:
         raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-    name = optim.get("name", "adamw")
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)} (optim=muon)")
-    momentum = optim.get("muon_momentum", 0.95)
-    if not is_number(momentum) or not 0 <= momentum < 1:
-        raise ConfigError(f"optim.muon_momentum={momentum!r} is invalid; it must be in [0, 1)")
-    if name == "muon":
-        require_muon()
+    spec = spec_of(optim.get("name", "adamw"))
+    settings = own_settings(optim)
+    if spec.check is not None:
+        spec.check(settings)
+    if spec.requires is not None:
+        spec.requires()
 
 
 def roles_of(model: nn.Module) -> dict[str, str]:
@@ -91,37 +150,56 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas,
-    momentum: float = 0.95,
     fused: bool = True,
+    **settings: Any,
 ) -> torch.optim.Optimizer:
-    """The optimizer `name` over the model's trainable parameters."""
+    """The optimizer `name` over the model's trainable parameters; `settings` are its own (defaults
+    for any not given)."""
+    spec = spec_of(name)
+    if spec.requires is not None:
+        spec.requires()
     roles = roles_of(model)
     named = [(roles[n], p) for n, p in model.named_parameters() if p.requires_grad]
     fused = fused and all(p.device.type in ("cpu", "cuda") for _, p in named)
-    if name == "adamw":
-        return torch.optim.AdamW(_adamw_groups(named, weight_decay), lr=lr, betas=tuple(betas), fused=fused)
-    if name == "muon":
-        require_muon()
-        hidden = [p for role, p in named if role == "matrix"]
-        rest = [(role, p) for role, p in named if role != "matrix"]
-        return MuonWithAdamW(hidden, _adamw_groups(rest, weight_decay), lr, weight_decay, betas, momentum, fused)
-    raise ConfigError(f"optim.name={name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    own = own_settings({"name": name, **settings})
+    return spec.build(named, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused, **own)
 
 
-def _adamw_groups(with_roles: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+def adamw_groups(with_roles: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Two AdamW groups: the `DECAYED` roles with `weight_decay`, the rest without."""
     return [
         {"params": [p for role, p in with_roles if role in DECAYED], "weight_decay": weight_decay},
         {"params": [p for role, p in with_roles if role not in DECAYED], "weight_decay": 0.0},
     ]
 
 
-def group_settings(name: str, weight_decay: float, betas, momentum: float) -> list[dict]:
-    """Per parameter group, in the optimizer's order, the settings that come from a run's config
-    (a resumed run writes these over the checkpoint's)."""
-    adamw = [{"weight_decay": weight_decay, "betas": tuple(betas)}, {"weight_decay": 0.0, "betas": tuple(betas)}]
-    if name == "muon":
-        return [{"weight_decay": weight_decay, "momentum": momentum}, *adamw]
-    return adamw
+@register_optimizer("adamw")
+def _adamw(named, *, lr, weight_decay, betas, fused):
+    return torch.optim.AdamW(adamw_groups(named, weight_decay), lr=lr, betas=betas, fused=fused)
+
+
+def _check_muon(settings: Mapping[str, Any]) -> None:
+    momentum = settings["muon_momentum"]
+    if not is_number(momentum) or not 0 <= momentum < 1:
+        raise ConfigError(f"optim.muon_momentum={momentum!r} is invalid; it must be in [0, 1)")
+
+
+@register_optimizer("muon", settings={"muon_momentum": 0.95}, check=_check_muon, requires=require_muon)
+def _muon(named, *, lr, weight_decay, betas, fused, muon_momentum):
+    hidden = [p for role, p in named if role == "matrix"]
+    rest = [(role, p) for role, p in named if role != "matrix"]
+    return MuonWithAdamW(hidden, adamw_groups(rest, weight_decay), lr, weight_decay, betas, muon_momentum, fused)
+
+
+# the settings of a param group that say how the optimizer runs, not what it does: a resumed run
+# keeps the ones its own optimizer was built with
+IMPLEMENTATION_KEYS = ("params", "fused", "foreach", "capturable", "differentiable")
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Per param group, in the optimizer's order, the settings a run's config decides (a resumed
+    run writes these over the checkpoint's)."""
+    return [{k: v for k, v in g.items() if k not in IMPLEMENTATION_KEYS} for g in optimizer.param_groups]
 
 
 def rms_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
@@ -153,8 +231,7 @@ def orthogonalize(m: torch.Tensor, coefficients, steps: int, eps: float) -> torc
 class Muon(torch.optim.Muon):
     """torch.optim.Muon, except where bf16 is emulated (a CPU with neither AMX nor AVX512-BF16):
     there the Newton-Schulz iteration, which torch runs in bf16, runs in fp32 (`orthogonalize`).
-    Measured on a 2-core AVX2 CPU: the quickstart (Muon) took 314 s with torch's bf16 iteration,
-    68 s with fp32's (docs/performance.md). Its settings and
+    torch's bf16 iteration is several times slower there (docs/performance.md). Its settings and
     its state (`momentum_buffer`) are torch's own: the two paths keep the same state."""
 
     def __init__(self, params, **settings):

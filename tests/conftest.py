@@ -20,6 +20,9 @@ SHARED = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PRESETS = ("quickstart", "v1", "v2", "v3", "nanogpt")
 
 # overrides that make any preset a seconds-long CPU run on the tiny corpus
+# what the presets' model.vocab_size (null: the corpus's characters + <unk>) becomes on tinyshakespeare
+SHAKESPEARE_VOCAB = 66
+
 SHRINK = [
     f"data.path={TINY}",
     "data.batch_size=4",

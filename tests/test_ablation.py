@@ -27,7 +27,7 @@ CHANGES = {
     "qk_norm": {"model.qk_norm": True},
     "softcap": {"model.logit_softcap": 30},
     "zero_init": {"model.zero_init_proj": True},
-    "muon": {"optim.name": "muon"},
+    "muon": {"optim.name": "muon", "optim.muon_momentum": 0.95},  # Muon and its own setting
     "weight_decay": {"optim.weight_decay": 1.0},
 }
 

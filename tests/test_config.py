@@ -11,7 +11,7 @@ from shakegpt.model import GPT, GPTConfig
 from shakegpt.pos_encoding import POS_ENCODINGS
 from shakegpt.run.train import train
 
-from .conftest import PRESETS
+from .conftest import PRESETS, SHAKESPEARE_VOCAB
 
 # every column of the original runs' table that a preset must set on its own
 ORIGINAL_TABLE = {
@@ -63,7 +63,7 @@ def test_preset_alone_sets_its_original_run(make_cfg, name):
     m = cfg.model
     got = dict(
         d_model=m.d_model,
-        vocab=m.vocab_size,
+        vocab=GPTConfig.from_dict(m, SHAKESPEARE_VOCAB).vocab_size,
         layers=m.n_layer,
         heads=m.n_head,
         d_ff=m.d_ff,
@@ -104,7 +104,7 @@ EXPERIMENTS = [
 @pytest.mark.parametrize(("overrides", "params", "limit"), EXPERIMENTS, ids=lambda v: str(v))
 def test_improved_recipes_keep_their_size_and_train(make_cfg, overrides, params, limit):
     full = make_cfg(*overrides, shrink=False)
-    n = sum(p.numel() for p in GPT(GPTConfig.from_dict(dict(full.model))).parameters())
+    n = sum(p.numel() for p in GPT(GPTConfig.from_dict(full.model, SHAKESPEARE_VOCAB)).parameters())
     assert n <= limit, f"{n:,} parameters, more than the {limit:,} the recipe's target allows"
     assert n == params
     assert full.model.pos_encoding == "rope" and full.optim.schedule == "cosine"
@@ -142,9 +142,9 @@ def trains_and_overfits(make_cfg, *overrides: str) -> None:
     metrics = train(cfg)
     assert all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/acc"))
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_dict(dict(cfg.model)))
+    model = GPT(GPTConfig.from_dict(cfg.model, SHAKESPEARE_VOCAB))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    x = torch.randint(0, 65, (2, 32))
+    x = torch.randint(0, model.cfg.vocab_size, (2, 32))
     y = torch.roll(x, -1, dims=1)
     losses = []
     for _ in range(30):
@@ -195,7 +195,7 @@ def test_bad_values_fail_with_one_clear_error(make_cfg, overrides, error, messag
 def test_offline_with_no_copy_fails_clearly(make_cfg, tmp_path, monkeypatch):
     monkeypatch.delenv("SHAKEGPT_DATA", raising=False)
     cfg = make_cfg("data.path=null", f"paths.cache_dir={tmp_path / 'cache'}", "+data.url=http://127.0.0.1:9/x.txt")
-    with pytest.raises(DataError, match="could not download tinyshakespeare"):
+    with pytest.raises(DataError, match="could not download the corpus from http://127.0.0.1:9/x.txt"):
         train(cfg)
 
 
@@ -254,7 +254,7 @@ ORIGINAL_PARAMS = {"v1": 422_528, "v2": 9_684_480, "v3": 9_782_784}  # the origi
 def test_the_original_norm_gives_the_original_parameter_counts(make_cfg, preset):
     cfg = make_cfg(f"model={preset}", "model/norm=seq_layernorm", shrink=False)
     with torch.device("meta"):  # counted, not allocated
-        model = GPT(GPTConfig.from_dict(dict(cfg.model)))
+        model = GPT(GPTConfig.from_dict(cfg.model, SHAKESPEARE_VOCAB))
     assert model.num_params() == ORIGINAL_PARAMS[preset]
 
 
@@ -273,7 +273,7 @@ def test_every_recipe_key_composes_with_every_preset(make_cfg, preset):
         for norm in ("layernorm", "rmsnorm", "seq_layernorm"):
             for mlp in ("gelu", "relu2", "swiglu"):
                 with torch.device("meta"):  # built, not allocated
-                    GPT(GPTConfig.from_dict(model | {"pos_encoding": pos, "norm": norm, "mlp": mlp}))
+                    GPT(GPTConfig.from_dict(model | {"pos_encoding": pos, "norm": norm, "mlp": mlp}, SHAKESPEARE_VOCAB))
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from shakegpt.corpus import (
     TINYSHAKESPEARE_SHA256,
     RandomWindows,
     ValWindows,
+    cache_path,
     read_corpus,
     resolve_corpus,
 )
@@ -25,7 +26,7 @@ def test_explicit_path_wins_over_env(tiny_corpus, tmp_path, monkeypatch):
     other.write_text("abc")
     monkeypatch.setenv("SHAKEGPT_DATA", str(other))
     assert resolve_corpus(str(tiny_corpus), cache_dir=tmp_path / "cache", url=OFFLINE_URL) == tiny_corpus
-    assert resolve_corpus(None, cache_dir=tmp_path / "cache", url=OFFLINE_URL) == other
+    assert resolve_corpus(None, cache_dir=tmp_path / "cache") == other  # (tinyshakespeare's local copy)
 
 
 def test_missing_explicit_path_is_named(tmp_path, monkeypatch):
@@ -38,10 +39,11 @@ def test_download_is_verified_and_cached(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("SHAKEGPT_DATA", raising=False)
     url, digest = tiny_corpus.as_uri(), sha256(tiny_corpus)
     got = resolve_corpus(None, cache_dir=tmp_path, url=url, sha256=digest)
-    assert got == tmp_path / "tinyshakespeare" / "input.txt"
+    assert got == cache_path(tmp_path, url, digest) and got.parent.name.startswith("fixtures-")
     assert got.read_bytes() == tiny_corpus.read_bytes()
     # the verified cached copy is used without the network
-    assert resolve_corpus(None, cache_dir=tmp_path, url=OFFLINE_URL, sha256=digest) == got
+    # the verified cached copy is used without the network (the same source: URL and checksum)
+    assert resolve_corpus(None, cache_dir=tmp_path, url=url, sha256=digest) == got
 
 
 def test_checksum_mismatch_keeps_no_file(tiny_corpus, tmp_path, monkeypatch):
@@ -53,10 +55,11 @@ def test_checksum_mismatch_keeps_no_file(tiny_corpus, tmp_path, monkeypatch):
 
 def test_corrupt_cache_is_replaced(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("SHAKEGPT_DATA", raising=False)
-    cached = tmp_path / "tinyshakespeare" / "input.txt"
+    cached = cache_path(tmp_path, tiny_corpus.as_uri(), sha256(tiny_corpus))
     cached.parent.mkdir(parents=True)
     cached.write_text(tiny_corpus.read_text()[:100])  # a truncated earlier download
     got = resolve_corpus(None, cache_dir=tmp_path, url=tiny_corpus.as_uri(), sha256=sha256(tiny_corpus))
+    assert got == cached
     assert got.read_bytes() == tiny_corpus.read_bytes()
 
 
@@ -65,8 +68,9 @@ def test_offline_without_a_copy_says_where_to_put_it(tmp_path, monkeypatch):
     with pytest.raises(DataError) as e:
         resolve_corpus(None, cache_dir=tmp_path, url=OFFLINE_URL)
     msg = str(e.value)
-    assert "could not download" in msg and str(tmp_path / "tinyshakespeare" / "input.txt") in msg
-    assert "SHAKEGPT_DATA" in msg and "data.path" in msg
+    assert "could not download" in msg and str(cache_path(tmp_path, OFFLINE_URL, TINYSHAKESPEARE_SHA256)) in msg
+    # $SHAKEGPT_DATA stands for tinyshakespeare only: for another URL, data.path is the way
+    assert "data.path" in msg and "SHAKEGPT_DATA" not in msg
 
 
 @pytest.mark.parametrize(("content", "message"), [(b"", "is empty"), (b"\xff\xfe\x00bad", "not UTF-8")])
@@ -134,7 +138,5 @@ def test_corpus_shorter_than_a_window_is_named(tiny_corpus):
 def test_an_unwritable_cache_is_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("SHAKEGPT_DATA", raising=False)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(
-        DataError, match=f"cannot write the corpus cache {tmp_path}/file/tinyshakespeare .*set paths.cache_dir"
-    ):
+    with pytest.raises(DataError, match=f"cannot write the corpus cache {tmp_path}/file/corpus-.* set paths.cache_dir"):
         resolve_corpus(cache_dir=tmp_path / "file", url="http://127.0.0.1:9/x.txt")

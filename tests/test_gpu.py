@@ -234,7 +234,9 @@ def test_the_gpu_check_runs_dry_on_a_cpu_into_an_archive_that_keep_accepts(tmp_p
     for preset in ("v1", "v2", "v3", "nanogpt"):
         for kind in ("eager", "compiled"):
             row = bench["presets"][preset][kind]
-            assert row["ms_per_step"] > 0 and 0 < row["mfu"] < 1, (preset, kind, row)
+            # a dry run's MFU compares a tiny step with small matmuls on a shared CPU, so it can pass 1;
+            # the bound still catches a unit slip (seconds for milliseconds is a factor of 1000)
+            assert row["ms_per_step"] > 0 and 0 < row["mfu"] < 5, (preset, kind, row)
     assert bench["lightning_auto_v3_ms_per_step"] > 0 and bench["lightning_ddp_v3_ms_per_step"] > 0
     assert "skipped" in (out / "pytest-gpu.txt").read_text()  # no GPU here: each GPU test says why it did not run
 

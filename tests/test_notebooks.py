@@ -9,6 +9,9 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
+# each notebook runs in a kernel of its own (half a minute each): in the slow suite, which CI runs too
+pytestmark = pytest.mark.slow
+
 
 def run_notebook(name: str) -> str:
     """Execute notebooks/<name> (in memory) and return all of its text output."""

@@ -13,7 +13,7 @@ from shakegpt.optim import Muon, MuonWithAdamW, build_optimizer, check_optim, or
 from shakegpt.run.records import read_scalars
 from shakegpt.run.train import train
 
-from .conftest import PRESETS, compose_cfg
+from .conftest import PRESETS, SHAKESPEARE_VOCAB, compose_cfg
 
 OPTIM = {"lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.99], "warmup_steps": 0, "min_lr_ratio": 0.1}
 
@@ -76,8 +76,18 @@ def test_muon_is_refused_where_torch_lacks_it(monkeypatch):
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        ({"name": "sgd"}, "optim.name='sgd' is unknown; choose one of adamw, muon (optim=muon)"),
-        ({"muon_momentum": 1.0}, "optim.muon_momentum=1.0 is invalid; it must be in [0, 1)"),
+        ({"name": "sgd"}, "optim.name='sgd' is unknown; choose one of adamw, muon (optim=<name>)"),
+        ({"name": "muon", "muon_momentum": 1.0}, "optim.muon_momentum=1.0 is invalid; it must be in [0, 1)"),
+        (
+            {"lrr": 1},
+            "optim.lrr is not a setting of optim=adamw; its settings: optim.lr, optim.weight_decay, "
+            "optim.betas, optim.warmup_steps, optim.min_lr_ratio, optim.schedule",
+        ),
+        (  # Muon's own setting, given to AdamW
+            {"muon_momentum": 0.9},
+            "optim.muon_momentum is not a setting of optim=adamw; its settings: optim.lr, optim.weight_decay, "
+            "optim.betas, optim.warmup_steps, optim.min_lr_ratio, optim.schedule",
+        ),
     ],
 )
 def test_bad_optimizer_settings_are_named(bad, message):
@@ -91,7 +101,7 @@ def test_muon_composes_with_every_preset(make_cfg, preset):
     cfg = make_cfg(f"model={preset}", "optim=muon", shrink=False)
     assert cfg.optim.name == "muon" and cfg.optim.lr > 0  # the preset's learning rate, Muon's optimizer
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(dict(cfg.model)))
+        model = GPT(GPTConfig.from_dict(cfg.model, SHAKESPEARE_VOCAB))
         opt = build_optimizer(model, "muon", cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     assert len(opt.param_groups[0]["params"]) == 4 * cfg.model.n_layer
 

@@ -1,5 +1,5 @@
-"""Norms and feed-forwards are registries: a new one is one registered entry (and a yaml), and the
-model, the optimizer and training take it without an edit. Norm parameters are never decayed nor
+"""Norms, feed-forwards and optimizers are registries: a new one is one registered entry (and a yaml),
+and the model, the optimizer and training take it without an edit. Norm parameters are never decayed nor
 given to Muon, whatever their shape."""
 
 import pytest
@@ -11,8 +11,10 @@ from shakegpt.errors import ConfigError
 from shakegpt.mlps import MLPS, MLPSpec
 from shakegpt.model import GPT, GPTConfig
 from shakegpt.norms import NORMS, NormSpec
-from shakegpt.optim import build_optimizer
+from shakegpt.optim import OPTIMIZERS, OptimizerSpec, adamw_groups, build_optimizer
 from shakegpt.run.train import train
+
+from .conftest import compose_cfg
 
 TINY_MODEL = {"vocab_size": 12, "d_model": 16, "n_layer": 2, "n_head": 2, "max_seq_len": 8}
 
@@ -73,3 +75,55 @@ def test_norm_parameters_are_never_decayed_nor_given_to_muon(norm, optimizer):
         assert group_of[id(params[n])]["weight_decay"] == 0.1 and id(params[n]) not in muon
     for n in ("blocks.0.attn.qkv.bias",):
         assert group_of[id(params[n])]["weight_decay"] == 0.0 and id(params[n]) not in muon
+
+
+def _check_toy_sgd(settings):
+    if not 0 <= settings["sgd_momentum"] < 1:
+        raise ConfigError(f"optim.sgd_momentum={settings['sgd_momentum']!r} is invalid; it must be in [0, 1)")
+
+
+@pytest.fixture
+def toy_optimizer(monkeypatch, tmp_path):
+    """SGD with momentum as a new optimizer with a setting of its own: one registered entry and one yaml
+    (in a config directory of the test's, as a user's would be: hydra.searchpath)."""
+
+    def build(named, *, lr, weight_decay, betas, fused, sgd_momentum):
+        return torch.optim.SGD(adamw_groups(named, weight_decay), lr=lr, momentum=sgd_momentum)
+
+    monkeypatch.setitem(OPTIMIZERS, "toy_sgd", OptimizerSpec(build, {"sgd_momentum": 0.9}, _check_toy_sgd))
+    conf = tmp_path / "conf"
+    (conf / "optim").mkdir(parents=True)
+    (conf / "optim" / "toy_sgd.yaml").write_text("name: toy_sgd\nsgd_momentum: 0.5\n")
+    return f"hydra.searchpath=[file://{conf}]"
+
+
+def test_a_registered_optimizer_with_its_own_setting_trains_and_resumes(toy_optimizer, tmp_path, caplog):
+    first = compose_cfg(tmp_path / "a", toy_optimizer, "optim=toy_sgd", "trainer.max_steps=4")
+    assert first.optim.sgd_momentum == 0.5  # from its yaml
+    train(first)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert [g["momentum"] for g in torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"]] == [
+        0.5,
+        0.5,
+    ]
+    # resumed with another value of its setting: the run takes it, and says so
+    again = compose_cfg(
+        tmp_path / "a",
+        toy_optimizer,
+        "optim=toy_sgd",
+        "optim.sgd_momentum=0.7",
+        "trainer.max_steps=6",
+        f"ckpt_path={ckpt}",
+    )
+    with caplog.at_level("INFO", logger="shakegpt"):
+        train(again)
+    assert "optim.sgd_momentum 0.5 -> 0.7" in caplog.text
+    groups = torch.load(ckpt, weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert [g["momentum"] for g in groups] == [0.7, 0.7]
+    with pytest.raises(ConfigError, match=r"optim.sgd_momentum=1.5 is invalid; it must be in \[0, 1\)"):
+        train(compose_cfg(tmp_path / "b", toy_optimizer, "optim=toy_sgd", "optim.sgd_momentum=1.5"))
+    with pytest.raises(
+        ConfigError,
+        match=r"optim.sgd_momentum is not a setting of optim=muon; its settings: optim.lr, .*, optim.muon_momentum$",
+    ):
+        train(compose_cfg(tmp_path / "c", "+optim.sgd_momentum=0.5"))  # the quickstart's Muon

@@ -296,3 +296,15 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     )
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
     assert len(jobs) == 2 and all(len(scalars(load_run(j / "tensorboard"), "val/loss")) == 2 for j in jobs)
+
+
+def test_a_sweep_with_the_csv_logger_alone_ends_with_its_table(tmp_path):
+    """No TensorBoard anywhere: the table comes from each job's own record."""
+    sweep = tmp_path / "sweep"
+    r = multirun(tmp_path, "logger=csv", "seed=1,2", f"hydra.sweep.dir={sweep}")
+    table = (sweep / "summary.md").read_text().strip().splitlines()
+    assert table[0] == "| job | seed | best val loss | at step |" and len(table) == 4, table
+    assert all("**" in row and "failed" not in row for row in table[2:]), table
+    assert "\n".join(table) in r.stdout
+    for job in (p for p in sweep.iterdir() if p.is_dir()):
+        assert (job / "csv" / "metrics.csv").is_file() and not (job / "tensorboard").exists()

@@ -15,7 +15,7 @@ from shakegpt.training.callbacks import original_log_line
 from shakegpt.training.data import CharDataModule
 from shakegpt.training.module import LitGPT, lr_factor
 
-from .conftest import ROOT, TINY, compose_cfg, start_training, wait_for_log
+from .conftest import ROOT, SHAKESPEARE_VOCAB, TINY, compose_cfg, start_training, wait_for_log
 from .tb import hparams, hparams_view, load_run, scalars, texts
 
 
@@ -58,7 +58,11 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
     assert "val/loss_best" in metric_tags and "hp_metric" not in tags
     assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
     assert params["model.bias"] is False and params["model.pos_encoding"] == "rope"  # as themselves
-    assert params["params_exact"] == 410_752 and params["params_original_formula"] > 0
+    # the vocabulary is the tiny corpus's characters + <unk> (model.vocab_size is derived), and so the size
+    vocab_size = len(set(TINY.read_text(encoding="utf-8"))) + 1
+    assert params["model.vocab_size"] == vocab_size < SHAKESPEARE_VOCAB
+    assert params["params_exact"] == 410_752 - (SHAKESPEARE_VOCAB - vocab_size) * 2 * 128  # embedding and head
+    assert params["params_original_formula"] > 0
     samples = texts(ea, "sample/text_summary")
     assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
 
@@ -129,12 +133,16 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     log = (out / "train.log").read_text()
     assert "T+ 0:00:0" in log and "- step 4/4: train loss " in log and "; t_remain 0:00:00" in log
-    assert "parameters: 410,752 exact" in log  # quickstart (RoPE: no position table): the details in the log
+    # the tiny corpus's vocabulary: 10 characters fewer than tinyshakespeare's, in the embedding and the head
+    assert (
+        f"parameters: {410_752 - (SHAKESPEARE_VOCAB - len(set(TINY.read_text())) - 1) * 2 * 128:,} exact" in log
+    )  # quickstart (RoPE: no position table): the details in the log
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
     # the terminal: a short header, the log line without a prefix, the sample, where the run is
     lines = r.stdout.splitlines()
     assert lines[:3] == [
-        "model    quickstart: 410,752 parameters (451,072 by the original runs' formula)",
+        # on tinyshakespeare 410,752; the tiny corpus's 55 characters (not 65) take 10 rows off the embedding and the head
+        "model    quickstart: 408,192 parameters (448,512 by the original runs' formula)",
         f"data     {TINY.name}: {len(TINY.read_text()):,} characters, 55 distinct",
         f"device   1 x cpu, {'bf16-mixed' if cpu_has_fast_bf16() else '32-true'}",
     ]

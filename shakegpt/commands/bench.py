@@ -44,7 +44,7 @@ from shakegpt.corpus import RandomWindows
 from shakegpt.generate import stream
 from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
 from shakegpt.model import GPT, GPTConfig
-from shakegpt.optim import build_optimizer
+from shakegpt.optim import build_optimizer, own_settings
 from shakegpt.run.configs import CONF_DIR
 from shakegpt.timing import Loop, flops_per_step, matmul_peak, mfu_peak
 from shakegpt.training.data import CharDataModule
@@ -86,11 +86,11 @@ def bench_preset(name: str, corpus: Path, steps: int, warmup: int, per_naive: in
         # AdamW in the Lightning and bare loops whatever optimizer the preset picks (the quickstart: Muon),
         # so that the fast/bare ratio is Lightning's cost alone and the muon loop is the one Muon step
         cfg = compose("train", overrides=[f"model={name}", "optim=adamw", *overrides])
-    mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     B, T, seed = cfg.data.batch_size, cfg.data.seq_len, cfg.seed
-    precision = resolve_precision(cfg.trainer.precision, "cpu", mcfg.d_model)
     dm = CharDataModule(path=str(corpus), batch_size=B, seq_len=T, seed=seed)
     dm.setup("fit")
+    mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), dm.tokenizer.vocab_size)
+    precision = resolve_precision(cfg.trainer.precision, "cpu", mcfg.d_model)
     torch.manual_seed(seed)
 
     # (a) naive: the same shape written the usual way
@@ -189,14 +189,14 @@ def bench_ablation(corpus: Path, options: list[str], steps: int, warmup: int) ->
     for option in options:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("train", overrides=["experiment=ablation", f"ablation={option}"])
-        mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
         B, T, o = cfg.data.batch_size, cfg.data.seq_len, cfg.optim
         if not loops:
             dm = CharDataModule(path=str(corpus), batch_size=B, seq_len=T, seed=cfg.seed)
             dm.setup("fit")
+        mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), dm.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)
         model = GPT(mcfg)
-        opt = build_optimizer(model, o.name, o.lr, o.weight_decay, o.betas, o.muon_momentum)
+        opt = build_optimizer(model, o.name, o.lr, o.weight_decay, o.betas, **own_settings(o))
         loops[option] = Loop(
             model,
             opt,
@@ -219,7 +219,8 @@ def bench_generation(preset: str, num_chars: int) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={preset}"])
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))).eval()
+    # the vocabulary size only sizes the output: tinyshakespeare's (65 characters + <unk>) stands for any
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=66)).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
     seconds = {"cached": [], "full": []}
     for kind in ("cached", "full", "cached"):

@@ -108,10 +108,11 @@ def environment(check: Check) -> dict:
         "device": torch.cuda.get_device_name(0) if check.device == "cuda" else platform.processor() or "cpu",
         "dry_run": check.dry_run,
     }
-    size = 512 if check.dry_run else 8192
-    reps = 2 if check.dry_run else 10
-    env["bf16_peak_flops"] = matmul_peak(torch.bfloat16, (size,), reps=reps, device=check.device)
-    env["fp32_peak_flops"] = matmul_peak(torch.float32, (size,), reps=reps, device=check.device)
+    # a dry run's peak: the best of a few sizes, so that one slow moment on a shared CPU does not set it
+    sizes = (256, 512, 1024) if check.dry_run else (8192,)
+    reps = 3 if check.dry_run else 10
+    env["bf16_peak_flops"] = matmul_peak(torch.bfloat16, sizes, reps=reps, device=check.device)
+    env["fp32_peak_flops"] = matmul_peak(torch.float32, sizes, reps=reps, device=check.device)
     return env
 
 
@@ -188,7 +189,9 @@ def _compose(preset: str, extra: list[str]):
         return compose("train", overrides=[f"model={preset}", "optim=adamw", *extra])
 
 
-def bare_step_seconds(cfg, device: str, compiled: bool, backend: str, steps: int, warmup: int, ids) -> float:
+def bare_step_seconds(
+    cfg, device: str, compiled: bool, backend: str, steps: int, warmup: int, ids, vocab_size: int
+) -> float:
     """Median seconds of a plain training step (bench.Loop: bf16 autocast where the device has it,
     fused AdamW, clipping), a sync after each."""
     from omegaconf import OmegaConf
@@ -198,7 +201,7 @@ def bare_step_seconds(cfg, device: str, compiled: bool, backend: str, steps: int
     from shakegpt.optim import build_optimizer
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))).to(device)
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), vocab_size)).to(device)
     opt = build_optimizer(model, "adamw", cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
     forward = torch.compile(model, backend=backend) if compiled else model
     windows = RandomWindows(ids, cfg.data.batch_size, cfg.data.seq_len, cfg.seed)
@@ -274,7 +277,7 @@ def bench(check: Check) -> dict:
     cfgs = {preset: _compose(preset, extra) for preset in BENCH_PRESETS}
     dm = CharDataModule(path=str(check.data), seq_len=max(c.data.seq_len for c in cfgs.values()))
     dm.setup("fit")
-    ids = dm.train_ids
+    ids, vocab = dm.train_ids, dm.tokenizer.vocab_size
     # eager first (quick), then what Lightning and DDP add at v3, then compiled (each preset compiles for
     # tens of seconds): a budget that runs out leaves the most figures
     for compiled in (False, True):
@@ -284,8 +287,8 @@ def bench(check: Check) -> dict:
             if check.left() < 15:
                 row[kind] = "skipped: the time budget ran out"
                 continue
-            mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-            s = bare_step_seconds(cfg, check.device, compiled, backend, steps, warmup, ids)
+            mcfg = GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), vocab)
+            s = bare_step_seconds(cfg, check.device, compiled, backend, steps, warmup, ids, vocab)
             row[kind] = {
                 "ms_per_step": round(1000 * s, 3),
                 "tokens_per_s": round(cfg.data.batch_size * cfg.data.seq_len / s),

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from shakegpt.errors import JOB_ERROR_FILE, ConfigError, exit_on_user_error
 from shakegpt.run.configs import checkout
-from shakegpt.run.records import _job_overrides, last_sample, read_scalars, summarize
+from shakegpt.run.records import _job_overrides, last_sample, read_scalars, run_hparams, summarize
 
 
 def reference_dir() -> Path:
@@ -100,7 +100,8 @@ def keep(
         )
     summary = summarize(run_dir)  # refuses a run that has not validated, before anything is touched
     cfg = OmegaConf.load(config)  # as Hydra saved it: paths still refer to ${hydra:...}, so resolve parts
-    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+    vocab_size = run_hparams(run_dir).get("model", {}).get("vocab_size")  # the presets' null, as the run derived it
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), vocab_size))
     metrics = {
         "name": name,
         "command": command,

@@ -45,6 +45,7 @@ METRICS = (
 # a checkpoint (weights + two AdamW moments, fp32) needs about 12 bytes per parameter; the atomic
 # writer holds the old file and the new one at once, and a best and a last are written together
 CHECKPOINT_BYTES_PER_PARAM = 12
+PROVISIONAL_VOCAB = 256  # characters, for the checks made before the corpus is read (a byte's worth)
 
 
 def require(cfg: Any, key: str, what: str) -> None:
@@ -171,6 +172,7 @@ def _container(node: Any) -> Any:
 def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True) -> None:
     """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
     the returned metric, and the run directory (writable, free space, not another run's)."""
+    from shakegpt.corpus import TINYSHAKESPEARE_SHA256, TINYSHAKESPEARE_URL, check_source
     from shakegpt.hardware import check_compile
     from shakegpt.model import GPTConfig
     from shakegpt.optim import check_optim
@@ -183,10 +185,14 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     check_trainer(_container(cfg.trainer))
     data = _container(cfg.data)
     check_data(data.get("batch_size"), data.get("seq_len"), data.get("val_fraction"), data.get("num_workers", 0))
+    check_source(data.get("path"), data.get("url", TINYSHAKESPEARE_URL), data.get("sha256", TINYSHAKESPEARE_SHA256))
     if data.get("path") and not Path(data["path"]).expanduser().is_file():
         raise DataError(f"data.path={data['path']} does not exist or is not a file")
     model = _container(cfg.model)
-    mcfg = GPTConfig.from_dict(dict(model))
+    # the presets leave model.vocab_size null until the corpus is read (in train()); a provisional size
+    # serves the checks that do not depend on it
+    derived = model.get("vocab_size") is None
+    mcfg = GPTConfig.from_dict(model, vocab_size=PROVISIONAL_VOCAB)
     if data["seq_len"] > mcfg.max_seq_len:
         raise ConfigError(
             f"data.seq_len={data['seq_len']} exceeds model.max_seq_len={mcfg.max_seq_len}; "
@@ -200,10 +206,11 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     if metric is not None and metric not in METRICS:
         raise ConfigError(f"optimized_metric={metric!r} is not a metric a run logs; choose one of {', '.join(METRICS)}")
     if cfg.get("ckpt_path") and check_ckpt:  # (train() checks it itself, with the corpus's vocabulary)
-        check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps, optimizer=cfg.optim.get("name", "adamw"))
+        optimizer = cfg.optim.get("name", "adamw")
+        check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps, optimizer=optimizer, vocab_size_unknown=derived)
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
-        check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(model))
+        check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(mcfg.to_dict()))
 
 
 def check_run_directory(run_dir: Path, resuming: bool) -> None:

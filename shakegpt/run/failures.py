@@ -7,6 +7,7 @@ on the terminal; the traceback goes to the run's log file only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import sys
@@ -59,19 +60,19 @@ def describe_failure(e: BaseException | str, run_dir: Path, step: int | None = N
     return line
 
 
-def report_lost_ranks(trainer, run_dir: Path) -> None:
-    """When a DDP rank started by Lightning dies, Lightning's child-process observer kills rank 0 with
-    SIGKILL (so that no rank hangs in a collective), and rank 0 can print nothing after that. Have
-    the observer print the one line first. (Rank 0 may instead notice the loss itself at its next
-    gradient exchange; then `describe_failure` says the same.)"""
-    try:
-        from lightning.fabric.strategies.launchers import subprocess_script
-    except ImportError:
+@contextlib.contextmanager
+def lost_ranks_reported(trainer, run_dir: Path):
+    """While the block runs: when a DDP rank started by Lightning dies, Lightning's child-process
+    observer kills rank 0 with SIGKILL (so that no rank hangs in a collective), and rank 0 can print
+    nothing after that; have the observer print the one line first. (Rank 0 may instead notice the
+    loss itself at its next gradient exchange; then `describe_failure` says the same.) Lightning has
+    no public hook for this: the observer's `_terminate_all` is wrapped for the block only and
+    restored after it; tests/test_layout.py fails on a Lightning without that method."""
+    observer = _child_process_observer()
+    if observer is None:
+        yield
         return
-    observer = getattr(subprocess_script, "_ChildProcessObserver", None)
-    if observer is None or not hasattr(observer, "_terminate_all"):
-        return
-    original = getattr(observer, "_shakegpt_original", observer._terminate_all)
+    original = observer._terminate_all
 
     def terminate_all(self) -> None:
         codes = [(i + 1, p.returncode) for i, p in enumerate(getattr(self, "_child_processes", []))]
@@ -82,5 +83,18 @@ def report_lost_ranks(trainer, run_dir: Path) -> None:
         print(f"error: {line}", file=sys.stderr, flush=True)
         original(self)
 
-    observer._shakegpt_original = original
     observer._terminate_all = terminate_all
+    try:
+        yield
+    finally:
+        observer._terminate_all = original
+
+
+def _child_process_observer():
+    """Lightning's DDP child-process observer class, or None where this Lightning has none."""
+    try:
+        from lightning.fabric.strategies.launchers import subprocess_script
+    except ImportError:
+        return None
+    observer = getattr(subprocess_script, "_ChildProcessObserver", None)
+    return observer if observer is not None and hasattr(observer, "_terminate_all") else None

@@ -1,14 +1,18 @@
 """What a run directory records about its run, read back: its scalars, its last text sample, a summary
-of its val loss (best, last, steps, time), and a sweep's jobs as one table."""
+of its val loss (best, last, steps, time), and a sweep's jobs as one table. Each comes from the run's
+own record (`record.jsonl`, `shakegpt.training.record`), whatever loggers it had; runs made before
+shakegpt kept one are read from their TensorBoard event files."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from shakegpt.errors import JOB_ERROR_FILE, ConfigError
+from shakegpt.training.record import RECORD_FILE
 
 MAX_ERROR_CHARS = 120  # of a failed job's error, in a sweep's table
 
@@ -22,15 +26,52 @@ def _events(run_dir: str | Path):
     run_dir = Path(run_dir)
     tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
     if not any(tb.glob("events.out.tfevents.*")):
-        raise ConfigError(f"no TensorBoard event files in {tb}; give a run directory made by train.py")
+        raise ConfigError(
+            f"no {RECORD_FILE} nor TensorBoard event files in {run_dir}; give a run directory made by train.py"
+        )
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
 
 
+def _record(run_dir: str | Path) -> list[dict] | None:
+    """The entries of a run's record, or None where it has none (a run made before shakegpt kept one).
+    A line cut short by a killed process is skipped."""
+    path = Path(run_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
+
+
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
-    """Every scalar of a run's TensorBoard event files: tag -> [(step, value, seconds since the
-    run's first event)], in step order. `run_dir` is a run directory or its tensorboard/ folder."""
+    """Every scalar a run logged: tag -> [(step, value, seconds since the run's first entry)], in
+    step order. `run_dir` is a run directory (its record, else its event files) or a tensorboard/ folder."""
+    entries = _record(run_dir)
+    if entries is None:
+        return _tensorboard_scalars(run_dir)
+    start = min((e["time"] for e in entries), default=0.0)
+    scalars: dict[str, list[tuple[int, float, float]]] = {}
+    for e in entries:
+        for tag, value in e.get("scalars", {}).items():
+            scalars.setdefault(tag, []).append((e["step"], float(value), e["time"] - start))
+    # a resumed run logs again the steps after its checkpoint: the later entry of a step is the one kept
+    return {tag: sorted({s: (s, v, t) for s, v, t in evs}.values()) for tag, evs in scalars.items()}
+
+
+def run_hparams(run_dir: str | Path) -> dict:
+    """The hyperparameters a run's module was built with (the latest, for a resumed run), or {} for a
+    run without a record."""
+    entries = _record(run_dir) or []
+    return next((e["hparams"] for e in reversed(entries) if "hparams" in e), {})
+
+
+def _tensorboard_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
     acc = _events(run_dir)
     events = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
     start = min((e[0].wall_time for e in events.values() if e), default=0.0)
@@ -38,7 +79,11 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]
 
 
 def last_sample(run_dir: str | Path) -> str | None:
-    """The last text sample a run wrote to TensorBoard, or None."""
+    """The last text sample a run wrote, or None."""
+    entries = _record(run_dir)
+    if entries is not None:
+        samples = [e["sample"] for e in entries if "sample" in e]
+        return samples[-1] if samples else None
     acc = _events(run_dir)
     tags = [t for t in acc.Tags()["tensors"] if t.startswith("sample")]
     if not tags:
@@ -49,7 +94,7 @@ def last_sample(run_dir: str | Path) -> str | None:
 
 
 def summarize(run_dir: str | Path) -> dict:
-    """Best and last val loss, steps and training seconds of a run, from its event files."""
+    """Best and last val loss, steps and training seconds of a run, from its record."""
     s = read_scalars(run_dir)
     val = s.get("val/loss", [])
     if not val:
@@ -78,7 +123,7 @@ def sweep_table(sweep_dir: str | Path) -> str:
         try:
             s = summarize(job)
             best, step = s["best_val_loss"], s["best_step"]
-        except ConfigError:  # no event files or no validation: the job failed before it validated
+        except ConfigError:  # no record or no validation: the job failed before it validated
             best, step = None, None
         if error.is_file():  # it may have validated before it failed: its figures are not a result
             text = error.read_text().strip().splitlines()[0]

@@ -17,22 +17,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Checkpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shakegpt.errors import ShakeGPTError, TrainingFailed
 from shakegpt.hardware import emulated_bf16_warning, physical_cores, step_choices
 from shakegpt.logs import FILE_ONLY
 from shakegpt.run.checks import check_train_config
 from shakegpt.run.console import header, summary
-from shakegpt.run.failures import describe_failure, report_lost_ranks
+from shakegpt.run.failures import describe_failure, lost_ranks_reported
 from shakegpt.run.hparams import differing, hparams_of, param_counts
 from shakegpt.run.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
 from shakegpt.run.sweep_ddp import sweep_job
-from shakegpt.training.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout
+from shakegpt.training.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout, StepProgressBar
 from shakegpt.training.checkpoint import check_resumable
 from shakegpt.training.module import LitGPT
+from shakegpt.training.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,10 @@ def train(
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     datamodule.prepare_data()
-    datamodule.setup("fit")  # the vocabulary comes from the corpus and sizes nothing, but is saved with the model
+    datamodule.setup("fit")  # the vocabulary comes from the corpus and is saved with the model
+    if cfg.model.get("vocab_size") is None:  # the presets' default: the corpus's characters + <unk>
+        with open_dict(cfg):
+            cfg.model.vocab_size = datamodule.tokenizer.vocab_size
     module = LitGPT(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         vocab=datamodule.tokenizer.chars,
@@ -100,10 +104,12 @@ def train(
         if not cfg.trainer.get(switch, True):
             callbacks = [c for c in callbacks if not isinstance(c, kind)]
     for bar in callbacks:  # each refresh reads the loss: on a GPU, a wait for the step to finish
-        if isinstance(bar, TQDMProgressBar) and 0 < bar.refresh_rate < fast.finite_check_every:
-            bar._refresh_rate = fast.finite_check_every
+        if isinstance(bar, StepProgressBar):
+            bar.min_refresh = fast.finite_check_every
     callbacks += [HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name), ScalarsLayout()]
-    loggers = [build(lg) for lg in cfg.get("logger", {}).values() if lg is not None]
+    # the config's loggers, and the run's own record, which the summary, sweep tables and `results` read
+    loggers = [build(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers.append(RunRecord(cfg.paths.output_dir))
     extra = {}
     interval, steps = cfg.trainer.get("val_check_interval"), cfg.trainer.get("max_steps", -1)
     if isinstance(interval, int) and 0 < steps < interval:  # a shortened run still validates (at its end)
@@ -112,12 +118,11 @@ def train(
     trainer: L.Trainer = build(
         cfg.trainer,
         callbacks=callbacks,
-        logger=loggers or False,
+        logger=loggers,
         precision=precision,
         plugins=[AtomicCheckpointIO()],
         **extra,
     )
-    report_lost_ranks(trainer, Path(cfg.paths.output_dir))
     if trainer.is_global_zero:
         device = f"{trainer.num_devices} x {trainer.strategy.root_device.type}"
         log.info(
@@ -135,7 +140,8 @@ def train(
         )
     try:
         # weights_only: resuming reads tensors and plain data, never code from the file
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with lost_ranks_reported(trainer, Path(cfg.paths.output_dir)):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except ShakeGPTError:
         raise
     except Exception as e:

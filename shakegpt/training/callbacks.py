@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from shakegpt.errors import ShakeGPTError
 from shakegpt.sampling import TEMPERATURE, TOP_K, TOP_P
+from shakegpt.training.record import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,18 @@ def original_log_line(
 
 class StepProgressBar(TQDMProgressBar):
     """A bar over optimizer steps up to `trainer.max_steps` (training batches are an endless stream,
-    so Lightning's per-epoch bar has no total); tqdm then shows elapsed and remaining time."""
+    so Lightning's per-epoch bar has no total); tqdm then shows elapsed and remaining time.
+    `min_refresh`: it redraws at most every that many steps (train() sets it on a GPU, where each
+    redraw reads the loss and so waits for the step)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_refresh = 1
+
+    @property
+    def refresh_rate(self) -> int:
+        rate = super().refresh_rate
+        return max(rate, self.min_refresh) if rate > 0 else rate
 
     def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
         bar = self.train_progress_bar
@@ -65,7 +77,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: Any) -> None:
         step, bar = trainer.global_step, self.train_progress_bar
-        if bar is not None and not bar.disable and self._should_update(step, bar.total):
+        if bar is not None and not bar.disable and (step % self.refresh_rate == 0 or step == bar.total):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=True)
 
@@ -110,7 +122,7 @@ class OriginalLogLine(L.Callback):
 
 class TextSample(L.Callback):
     """At the end of every validation, generate text from a fixed prompt and seed and write it to
-    TensorBoard (TEXT tab), so the run's progress can be read as well as plotted."""
+    TensorBoard (TEXT tab) and the run's record, so the run's progress can be read as well as plotted."""
 
     def __init__(
         self,
@@ -129,13 +141,15 @@ class TextSample(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.num_chars <= 0:
             return
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, RunRecord))]
         if not loggers:
             return
         text = pl_module.generate_text(self.prompt, self.num_chars, seed=self.seed, **self.sampling)
         for lg in loggers:
-            # TensorBoard renders text as markdown: indent it as a code block to keep the line breaks
-            lg.experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)
+            if isinstance(lg, RunRecord):
+                lg.log_sample(text, trainer.global_step)
+            else:  # TensorBoard renders text as markdown: indent it as a code block to keep the line breaks
+                lg.experiment.add_text("sample", "    " + text.replace("\n", "\n    "), trainer.global_step)
 
 
 class HParamsWithMetric(L.Callback):
@@ -209,11 +223,14 @@ class RunCheckpoint(ModelCheckpoint):
     run whose val loss has turned up would leave `last.ckpt` at its best step.) Best-by-val-loss
     checkpoints are kept as ModelCheckpoint keeps them."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, save_last: bool = True, **kwargs: Any) -> None:
         # a second run in the same directory is refused before it starts, so `last.ckpt` is always
         # this run's: never `last-v1.ckpt` beside another run's
         kwargs.setdefault("enable_version_counter", False)
-        super().__init__(*args, **kwargs)
+        # ModelCheckpoint keeps the best ones; `last.ckpt` is written here, with the Trainer's own
+        # save_checkpoint, so that no private method of ModelCheckpoint is relied on
+        super().__init__(*args, save_last=False, **kwargs)
+        self.keep_last = bool(save_last)
         self._last_step_written: int | None = None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,19 +247,18 @@ class RunCheckpoint(ModelCheckpoint):
         self.best_k_models = state_dict.get("best_k_models", self.best_k_models)
         self.best_model_path = state_dict["best_model_path"]
 
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_step_written = trainer.global_step
-
     def _write_last(self, trainer: L.Trainer) -> None:
         if (
-            self.save_last
+            self.keep_last
+            and self.dirpath is not None
             and not trainer.sanity_checking
             and trainer.state.fn == "fit"
             and trainer.global_step > 0
             and self._last_step_written != trainer.global_step
         ):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+            self.last_model_path, self._last_step_written = str(path), trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)

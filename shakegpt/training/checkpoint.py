@@ -74,20 +74,33 @@ def resolve_resume(path: str | Path) -> Path:
 
 
 def check_resumable(
-    path: str | Path, model: GPTConfig, max_steps: int, vocab: str | None = None, optimizer: str = "adamw"
+    path: str | Path,
+    model: GPTConfig,
+    max_steps: int,
+    vocab: str | None = None,
+    optimizer: str = "adamw",
+    vocab_size_unknown: bool = False,
 ) -> Path:
     """The checkpoint file for resuming a run of `model` on `vocab` up to `max_steps` with
     `optimizer`: it holds the full training state, the same architecture, optimizer and vocabulary,
-    and a step before max_steps."""
+    and a step before max_steps. `vocab_size_unknown`: the corpus is not read yet, so the model's
+    vocabulary size is not compared (the vocabulary is, once it is known)."""
     f = resolve_resume(path)
     ckpt = read_checkpoint(f)
     hp = ckpt["hyper_parameters"]
+    if vocab is not None and hp["vocab"] != vocab:
+        raise ConfigError(
+            f"ckpt_path={f} was trained on a vocabulary of {len(hp['vocab'])} characters, this corpus has "
+            f"{len(vocab)}; resume with the corpus it was trained on (data.path)"
+        )
     try:
         theirs, ours = GPTConfig.from_dict(dict(hp["model"])).to_dict(), model.to_dict()
     except ConfigError as e:
         raise CheckpointError(f"ckpt_path={f}: its model config is invalid: {e}") from None
     differ = [
-        f"model.{k}={theirs[k]!r} there, {ours[k]!r} here" for k in GPTConfig.ARCHITECTURE if theirs[k] != ours[k]
+        f"model.{k}={theirs[k]!r} there, {ours[k]!r} here"
+        for k in GPTConfig.ARCHITECTURE
+        if theirs[k] != ours[k] and not (k == "vocab_size" and vocab_size_unknown)
     ]
     theirs_opt = hp.get("name", "adamw")  # checkpoints from before optim=muon were all AdamW's
     if theirs_opt != optimizer:
@@ -104,11 +117,6 @@ def check_resumable(
         raise ConfigError(
             f"ckpt_path={f} is at step {step} and trainer.max_steps={max_steps}: that run has already finished; "
             f"raise trainer.max_steps above {step} to train it further"
-        )
-    if vocab is not None and hp["vocab"] != vocab:
-        raise ConfigError(
-            f"ckpt_path={f} was trained on a vocabulary of {len(hp['vocab'])} characters, this corpus has "
-            f"{len(vocab)}; resume with the corpus it was trained on (data.path)"
         )
     return f
 

@@ -16,6 +16,7 @@ from shakegpt.corpus import (
     TINYSHAKESPEARE_URL,
     RandomWindows,
     ValWindows,
+    check_source,
     cut_windows,
     read_corpus,
     resolve_corpus,
@@ -53,6 +54,7 @@ class CharDataModule(L.LightningDataModule):
         """`vocab`: encode with this vocabulary (a checkpoint's) instead of the corpus's own."""
         super().__init__()
         check_data(batch_size, seq_len, val_fraction, num_workers)
+        check_source(path, url, sha256)
         self.path, self.cache_dir, self.url, self.sha256 = path, cache_dir, url, sha256
         self.batch_size, self.seq_len, self.val_fraction = batch_size, seq_len, val_fraction
         self.seed, self.num_workers, self.vocab = seed, num_workers, vocab

@@ -12,12 +12,12 @@ import time
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from shakegpt.errors import ConfigError, DivergedError
 from shakegpt.generate import stream_text
 from shakegpt.model import GPT, GPTConfig
-from shakegpt.optim import build_optimizer, check_optim, group_settings
+from shakegpt.optim import COMMON, build_optimizer, check_optim, group_settings, own_settings
 from shakegpt.sampling import TEMPERATURE, TOP_K, TOP_P
 from shakegpt.tokenizer import CharTokenizer
 from shakegpt.training.val_pass import loss_and_accuracy
@@ -30,13 +30,26 @@ _DIVERGED = (
 )
 
 
-def _mean() -> MeanMetric:
-    """A running mean that never reads its input on the host (the default NaN check would, at every
-    update: a GPU round-trip per step). A NaN training loss is caught by LitGPT's own check."""
-    try:
-        return MeanMetric(nan_strategy="disable")
-    except ValueError:  # torchmetrics before "disable": it checks, as it always did
-        return MeanMetric()
+class WeightedMean(Metric):
+    """The mean of values, each with a weight (a batch's mean loss and its token count), summed as
+    (value x weight, weight) and reduced across DDP ranks by sum, so the result is the exact mean over
+    every token whatever the batch sizes. It never reads its input on the host (a GPU round-trip per
+    step); a NaN training loss is caught by LitGPT's own check. (torchmetrics' MeanMetric drops the
+    weights when its NaN check is off, so a partial last batch would count as a full one.)"""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: float | torch.Tensor = 1.0) -> None:
+        self.total += value.detach().float() * weight
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 def _plain(v):
@@ -69,9 +82,15 @@ class LitGPT(L.LightningModule):
         min_lr_ratio: float = 0.1,
         schedule: str = "cosine",
         name: str = "adamw",
-        muon_momentum: float = 0.95,
+        **optimizer_settings,
     ):
+        """`optimizer_settings`: the optimizer's own settings (`shakegpt.optim.OPTIMIZERS[name].settings`),
+        e.g. muon_momentum for Muon; any it does not have is refused."""
         super().__init__()
+        # checkpoints written before optimizers had settings of their own carry Muon's momentum
+        # whatever the optimizer was
+        if name != "muon":
+            optimizer_settings.pop("muon_momentum", None)
         check_optim(
             {
                 "lr": lr,
@@ -81,12 +100,13 @@ class LitGPT(L.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "schedule": schedule,
                 "name": name,
-                "muon_momentum": muon_momentum,
+                **optimizer_settings,
             }
         )
-        self.save_hyperparameters()
         self.tokenizer = CharTokenizer(vocab)
-        self.config = GPTConfig.from_dict(dict(model))
+        self.config = GPTConfig.from_dict(model, vocab_size=self.tokenizer.vocab_size)
+        model = {**model, "vocab_size": self.config.vocab_size}  # saved below: a checkpoint has its size
+        self.save_hyperparameters()
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={self.config.vocab_size} is smaller than the corpus vocabulary "
@@ -94,9 +114,9 @@ class LitGPT(L.LightningModule):
             )
         self.model = GPT(self.config)
         # means over the whole val pass and over the training steps since the previous validation;
-        # torchmetrics reduces (sum, weight) across DDP ranks, so each is exact over all ranks
-        self.val_loss, self.val_acc = _mean(), _mean()
-        self.train_loss_avg, self.train_acc_avg = _mean(), _mean()
+        # each reduces (sum, weight) across DDP ranks, so it is exact over all ranks
+        self.val_loss, self.val_acc = WeightedMean(), WeightedMean()
+        self.train_loss_avg, self.train_acc_avg = WeightedMean(), WeightedMean()
         self.best_val_loss = math.inf
         self._resume_rng: dict | None = None  # set by on_load_checkpoint, applied at train start
         self._tick: tuple[float, int] | None = None  # (time, step) of the last throughput reading
@@ -184,7 +204,7 @@ class LitGPT(L.LightningModule):
         self.val_acc.update(acc, n)
 
     def on_validation_epoch_end(self):
-        # MeanMetric reduces (sum, weight) over ranks: the exact mean over every val token
+        # WeightedMean reduces (sum, weight) over ranks: the exact mean over every val token
         if self.trainer.sanity_checking:
             self.val_loss.reset()
             self.val_acc.reset()
@@ -241,18 +261,18 @@ class LitGPT(L.LightningModule):
         hp, step = self.hparams, checkpoint["global_step"]
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else step
         lr_now = hp.lr * lr_factor(step, hp.warmup_steps, total, hp.min_lr_ratio, hp.schedule)
-        settings = group_settings(hp.get("name", "adamw"), hp.weight_decay, hp.betas, hp.get("muon_momentum", 0.95))
+        ours = group_settings(self._build_optimizer(fused=True))
         for opt_state in checkpoint["optimizer_states"]:
-            for group, ours in zip(opt_state["param_groups"], settings, strict=True):
-                group.update(lr=lr_now, initial_lr=hp.lr, **ours)
+            for group, settings in zip(opt_state["param_groups"], ours, strict=True):
+                group.update(settings, lr=lr_now, initial_lr=hp.lr)
         for sched in checkpoint.get("lr_schedulers", []):
             sched["base_lrs"] = [hp.lr] * len(sched["base_lrs"])
             sched["_last_lr"] = [lr_now] * len(sched["base_lrs"])
         before = checkpoint.get("hyper_parameters", {})
         changed = [
             f"optim.{k} {before[k]!r} -> {hp[k]!r}"
-            for k in ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio", "schedule", "muon_momentum")
-            if k in before and _plain(before[k]) != _plain(hp[k])
+            for k in [*COMMON, *self.optimizer_settings]
+            if k in before and k in hp and _plain(before[k]) != _plain(hp[k])
         ]
         changed += [
             f"model.{k} {before['model'][k]!r} -> {hp.model[k]!r}"
@@ -298,14 +318,24 @@ class LitGPT(L.LightningModule):
             )
         )
 
+    @property
+    def optimizer_settings(self) -> dict:
+        """The optimizer's own settings (defaults filled in), as this run's hyperparameters give them."""
+        hp = self.hparams
+        return own_settings({"name": hp.name, **{k: v for k, v in hp.items() if k not in (*COMMON, "model", "vocab")}})
+
+    def _build_optimizer(self, fused: bool) -> torch.optim.Optimizer:
+        hp = self.hparams
+        return build_optimizer(
+            self.model, hp.name, hp.lr, hp.weight_decay, hp.betas, fused=fused, **self.optimizer_settings
+        )
+
     def configure_optimizers(self):
         hp = self.hparams
         # fused AdamW is one kernel for all tensors instead of a Python loop over them; fp16 with a
         # GradScaler keeps the unfused one so that gradient clipping sees unscaled gradients
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        opt = build_optimizer(
-            self.model, hp.name, hp.lr, hp.weight_decay, hp.betas, momentum=hp.muon_momentum, fused=not scaled
-        )
+        opt = self._build_optimizer(fused=not scaled)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, hp.warmup_steps, int(total), hp.min_lr_ratio, hp.schedule)
