@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# that file's 65 characters + <unk>: what a preset's model.vocab_size (null) becomes on it
+TINYSHAKESPEARE_VOCAB_SIZE = 66
 ENV_VAR = "SHAKEGPT_DATA"
 
 

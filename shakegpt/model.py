@@ -266,8 +266,6 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
-        # every norm module, whatever its parameters' shapes: the optimizer neither decays nor orthogonalizes them
-        self._norm_ids = {id(b.ln1) for b in self.blocks} | {id(b.ln2) for b in self.blocks} | {id(self.ln_f)}
         self.apply(self._init_weights)
         # GPT-2's scaled init: each block adds two projections to the residual stream
         for name, p in self.named_parameters():
@@ -341,11 +339,12 @@ class GPT(nn.Module):
         """Each trainable parameter's role, by the module it belongs to, not by its shape: "matrix" (a
         block's attention or feed-forward weight), "embedding" (token and position tables), "head",
         "norm" (any norm's gains and biases, even 2-D ones) or "bias" (a Linear's bias)."""
+        # the norm modules as they are now (a deep copy of the model has its own)
+        norms = {id(self.ln_f)} | {id(m) for b in self.blocks for m in (b.ln1, b.ln2)}
         roles = {}
         for name, p in self.named_parameters():
             owner, _, leaf = name.rpartition(".")
-            module = self.get_submodule(owner)
-            if id(module) in self._norm_ids:
+            if id(self.get_submodule(owner)) in norms:
                 roles[name] = "norm"
             elif name.startswith(("tok_emb", "pos.")):
                 roles[name] = "embedding"

@@ -13,6 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from shakegpt.corpus import TINYSHAKESPEARE_VOCAB_SIZE
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_corpus.txt"
@@ -21,7 +23,7 @@ PRESETS = ("quickstart", "v1", "v2", "v3", "nanogpt")
 
 # overrides that make any preset a seconds-long CPU run on the tiny corpus
 # what the presets' model.vocab_size (null: the corpus's characters + <unk>) becomes on tinyshakespeare
-SHAKESPEARE_VOCAB = 66
+SHAKESPEARE_VOCAB = TINYSHAKESPEARE_VOCAB_SIZE
 
 SHRINK = [
     f"data.path={TINY}",

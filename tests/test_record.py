@@ -72,3 +72,14 @@ def test_a_partial_last_batch_counts_by_its_tokens():
     m.update(torch.tensor(1.0), 4 * 32)
     m.update(torch.tensor(4.0), 1 * 32)
     assert m.compute().item() == pytest.approx((4 * 1.0 + 1 * 4.0) / 5)
+
+
+def test_a_record_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path, caplog):
+    from shakegpt.training.record import RunRecord
+
+    (tmp_path / "file").write_text("not a directory")
+    record = RunRecord(tmp_path / "file")  # as a full disk would, every write fails
+    with caplog.at_level("WARNING", logger="shakegpt"):
+        record.log_metrics({"train/loss": 2.0}, step=0)
+        record.log_sample("text", 1)
+    assert caplog.text.count("cannot be written") == 1 and "training goes on" in caplog.text

@@ -2,6 +2,8 @@
 and the model, the optimizer and training take it without an edit. Norm parameters are never decayed nor
 given to Muon, whatever their shape."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,7 @@ def test_an_unregistered_name_is_refused_with_the_registered_ones():
 def test_norm_parameters_are_never_decayed_nor_given_to_muon(norm, optimizer):
     model = GPT(GPTConfig(**TINY_MODEL, norm=norm, bias=True))
     roles = model.parameter_roles()
+    assert copy.deepcopy(model).parameter_roles() == roles  # a copy's norms are its own modules
     params = dict(model.named_parameters())
     opt = build_optimizer(model, optimizer, 1e-3, 0.1, (0.9, 0.99))
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}

@@ -40,7 +40,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from shakegpt.corpus import RandomWindows
+from shakegpt.corpus import TINYSHAKESPEARE_VOCAB_SIZE, RandomWindows
 from shakegpt.generate import stream
 from shakegpt.hardware import cpu_has_fast_bf16, physical_cores, resolve_precision
 from shakegpt.model import GPT, GPTConfig
@@ -219,8 +219,8 @@ def bench_generation(preset: str, num_chars: int) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={preset}"])
     torch.manual_seed(0)
-    # the vocabulary size only sizes the output: tinyshakespeare's (65 characters + <unk>) stands for any
-    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), vocab_size=66)).eval()
+    # the vocabulary size only sizes the output: tinyshakespeare's stands for any
+    model = GPT(GPTConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True), TINYSHAKESPEARE_VOCAB_SIZE)).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
     seconds = {"cached": [], "full": []}
     for kind in ("cached", "full", "cached"):

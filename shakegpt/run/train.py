@@ -59,14 +59,14 @@ def train(
     datamodule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")  # the vocabulary comes from the corpus and is saved with the model
-    if cfg.model.get("vocab_size") is None:  # the presets' default: the corpus's characters + <unk>
-        with open_dict(cfg):
-            cfg.model.vocab_size = datamodule.tokenizer.vocab_size
     module = LitGPT(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         vocab=datamodule.tokenizer.chars,
         **OmegaConf.to_container(cfg.optim, resolve=True),
     )
+    if cfg.model.get("vocab_size") is None:  # the presets' null: the size LitGPT derived from the corpus
+        with open_dict(cfg):
+            cfg.model.vocab_size = module.config.vocab_size
     ckpt_path = None
     if cfg.get("ckpt_path"):
         ckpt_path = check_resumable(

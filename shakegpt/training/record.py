@@ -7,6 +7,7 @@ record, and a killed one leaves every line it finished."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 RECORD_FILE = "record.jsonl"
+log = logging.getLogger(__name__)
 
 
 class RunRecord(Logger):
@@ -27,6 +29,7 @@ class RunRecord(Logger):
     def __init__(self, save_dir: str | Path):
         super().__init__()
         self._dir = Path(save_dir)
+        self._warned = False
 
     @property
     def name(self) -> str:
@@ -45,9 +48,16 @@ class RunRecord(Logger):
         return self._dir / RECORD_FILE
 
     def _append(self, entry: dict[str, Any]) -> None:
-        self._dir.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.time(), **entry}, ensure_ascii=False) + "\n")
+        """One line more; where it cannot be written (a full disk) training goes on, and it says so once:
+        the checkpoints matter more than the record."""
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": time.time(), **entry}, ensure_ascii=False) + "\n")
+        except OSError as e:
+            if not self._warned:
+                log.warning("warning: the run's record %s cannot be written (%s); training goes on", self.path, e)
+                self._warned = True
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
