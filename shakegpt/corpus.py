@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from shakegpt.errors import DataError
+from shakegpt.errors import DataError, checked_once
 from shakegpt.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def cache_path(cache_dir: str | Path, url: str, sha256: str) -> Path:
 OLD_CACHE = Path("tinyshakespeare") / "input.txt"
 
 
+@checked_once
 def check_source(path: object, url: object, sha256: object) -> None:
     """A corpus needs a file (`data.path`) or a URL with its checksum (`data.url`, `data.sha256`)."""
     if path:

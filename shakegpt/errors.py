@@ -3,6 +3,7 @@ the bad value and what is accepted; the entry points print them as one line inst
 
 import functools
 import math
+from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
@@ -46,6 +47,39 @@ def exit_on_user_error(entry):
         except ShakeGPTError as e:
             raise SystemExit(f"error: {e}") from None
 
+    return wrapper
+
+
+def _canonical(v: Any) -> Any:
+    """The same values in any key order, as list or tuple, give the same form; other types differ."""
+    if isinstance(v, Mapping) or type(v).__name__ == "DictConfig":
+        return tuple(sorted((str(k), _canonical(x)) for k, x in v.items()))
+    if is_sequence(v):
+        return tuple(_canonical(x) for x in v)
+    return (type(v).__name__, repr(v))
+
+
+def checked_once(check):
+    """A value check that runs once per distinct argument values: a run's config is checked up front
+    (before its directory exists) and its parts again where they are built (LitGPT, the datamodule),
+    so the second call with the same values returns at once. Only for checks that depend on their
+    arguments alone, not on files or the machine. `check.runs` counts the times it really ran."""
+    passed: set[str] = set()
+
+    @functools.wraps(check)
+    def wrapper(*args, **kwargs):
+        key = repr(_canonical((args, kwargs)))
+        if key in passed:
+            return None
+        wrapper.runs += 1
+        result = check(*args, **kwargs)
+        if len(passed) >= 256:  # a long-lived process (a notebook, a sweep) keeps only recent values
+            passed.clear()
+        passed.add(key)
+        return result
+
+    wrapper.runs = 0
+    wrapper.forget = passed.clear  # check every value again (a test that counts runs)
     return wrapper
 
 

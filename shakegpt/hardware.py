@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shakegpt.errors import ConfigError
+from shakegpt.errors import ConfigError, checked_once
 
 # below this width a model is too small for bf16 to pay on a CPU: measured at the v1 shape
 # (d_model 32) bf16 autocast made a step 1.3x slower (its casts cost more than its matmuls save)
@@ -90,6 +90,7 @@ def emulated_bf16_warning(precision: str, accelerator: str) -> str | None:
     )
 
 
+@checked_once
 def check_compile(value: Any) -> None:
     if not (value == "auto" or isinstance(value, bool)):
         raise ConfigError(f"compile={value!r} is not one of auto, true, false")

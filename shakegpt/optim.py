@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shakegpt.errors import ConfigError, is_number, is_sequence, non_negative_int
+from shakegpt.errors import ConfigError, checked_once, is_number, is_sequence, non_negative_int
 from shakegpt.hardware import cpu_has_fast_bf16
 
 SCHEDULES = ("cosine", "constant")
@@ -100,6 +100,7 @@ def own_settings(optim: Mapping[str, Any]) -> dict[str, Any]:
     return {**spec.settings, **given}
 
 
+@checked_once
 def check_optim(optim: Mapping) -> None:
     lr = optim.get("lr")
     if not is_number(lr) or lr <= 0:

@@ -104,14 +104,22 @@ EXPERIMENTS = [
 @pytest.mark.parametrize(("overrides", "params", "limit"), EXPERIMENTS, ids=lambda v: str(v))
 def test_improved_recipes_keep_their_size_and_train(make_cfg, overrides, params, limit):
     full = make_cfg(*overrides, shrink=False)
-    n = sum(p.numel() for p in GPT(GPTConfig.from_dict(full.model, SHAKESPEARE_VOCAB)).parameters())
+    with torch.device("meta"):  # counted, not allocated
+        n = sum(p.numel() for p in GPT(GPTConfig.from_dict(full.model, SHAKESPEARE_VOCAB)).parameters())
     assert n <= limit, f"{n:,} parameters, more than the {limit:,} the recipe's target allows"
     assert n == params
     assert full.model.pos_encoding == "rope" and full.optim.schedule == "cosine"
     if "max_time" in full.trainer:  # a hard stop inside the 2.5-hour budget
         d, h, m, s = (int(x) for x in full.trainer.max_time.split(":"))
         assert 0 < ((d * 24 + h) * 60 + m) * 60 + s <= 2.5 * 3600
-    # and the recipe runs (shrunk to seconds on the tiny corpus)
+    # and the recipe runs (shrunk to seconds on the tiny corpus; at its own width in the slow suite)
+    metrics = train(make_cfg(*overrides, *TINY_WIDTH, "~callbacks.checkpoint", "trainer.enable_checkpointing=false"))
+    assert math.isfinite(metrics["val/loss_best"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [e[0] for e in EXPERIMENTS], ids=lambda v: " ".join(v))
+def test_improved_recipes_train_at_their_own_width(make_cfg, overrides):
     metrics = train(make_cfg(*overrides, "~callbacks.checkpoint", "trainer.enable_checkpointing=false"))
     assert math.isfinite(metrics["val/loss_best"])
 
@@ -261,19 +269,28 @@ def test_the_original_norm_gives_the_original_parameter_counts(make_cfg, preset)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_recipe_key_composes_with_every_preset(make_cfg, preset):
     """Each norm and each feed-forward composes with every preset (as an override of the preset's
-    choice), with the three switches; every model of the product with every encoding builds (a few
-    combinations train below)."""
+    choice), with the three switches, and the preset's model builds with every encoding (every
+    product of encoding, norm and feed-forward builds below; a few combinations train)."""
     switches = ("model.qk_norm=true", "model.logit_softcap=30", "model.zero_init_proj=true")
-    for group, options in (("norm", ("layernorm", "rmsnorm", "seq_layernorm")), ("mlp", ("gelu", "relu2", "swiglu"))):
-        for option in options:
-            cfg = make_cfg(f"model={preset}", f"model/{group}={option}", *switches, shrink=False)
-            assert cfg.model[group] == option and cfg.model.qk_norm and cfg.model.logit_softcap == 30
-    model = dict(cfg.model)
+    norms, mlps = ("layernorm", "rmsnorm", "seq_layernorm"), ("gelu", "relu2", "swiglu")
+    for norm, mlp in zip(norms, mlps, strict=True):  # each option once: composing costs a third of a second
+        cfg = make_cfg(f"model={preset}", f"model/norm={norm}", f"model/mlp={mlp}", *switches, shrink=False)
+        assert cfg.model.norm == norm and cfg.model.mlp == mlp and cfg.model.qk_norm and cfg.model.logit_softcap == 30
+        for pos in POS_ENCODINGS:
+            with torch.device("meta"):  # built, not allocated
+                GPT(GPTConfig.from_dict(dict(cfg.model) | {"pos_encoding": pos}, SHAKESPEARE_VOCAB))
+
+
+def test_every_encoding_norm_and_feed_forward_build_together_and_run():
     for pos in POS_ENCODINGS:
         for norm in ("layernorm", "rmsnorm", "seq_layernorm"):
             for mlp in ("gelu", "relu2", "swiglu"):
-                with torch.device("meta"):  # built, not allocated
-                    GPT(GPTConfig.from_dict(model | {"pos_encoding": pos, "norm": norm, "mlp": mlp}, SHAKESPEARE_VOCAB))
+                cfg = GPTConfig(
+                    vocab_size=11, d_model=16, n_layer=1, n_head=2, d_ff=32, max_seq_len=8, pos_encoding=pos,
+                    norm=norm, mlp=mlp, qk_norm=True, logit_softcap=30.0, zero_init_proj=True,
+                )  # fmt: skip
+                logits = GPT(cfg)(torch.randint(0, 11, (2, 8)))
+                assert logits.shape == (2, 8, 11) and torch.isfinite(logits).all(), (pos, norm, mlp)
 
 
 @pytest.mark.parametrize(

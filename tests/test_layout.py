@@ -127,3 +127,14 @@ def test_the_cycle_finder_finds_a_cycle(monkeypatch):
     )
     with pytest.raises(AssertionError, match=r"shakegpt.optim -> .*shakegpt.optim"):
         test_no_import_cycles()
+
+
+def test_the_tests_are_laid_out_like_the_package():
+    """tests/<layer>/ holds the tests of shakegpt/<layer>/ (training, run, commands); the core's tests
+    and those of the project as a whole (docs, layout, install, notebooks, GPU) are in tests/."""
+    tests = Path(__file__).resolve().parent
+    layers = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    test_dirs = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert test_dirs == layers
+    for d in test_dirs:
+        assert (tests / d / "__init__.py").is_file(), f"tests/{d} needs __init__.py (its modules import ..conftest)"

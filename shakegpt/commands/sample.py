@@ -63,8 +63,9 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"num_samples={cfg.num_samples!r} is invalid; it must be an integer >= 1")
 
 
-def sample(cfg: DictConfig, out=sys.stdout) -> list[str]:
-    """Write `num_samples` samples to `out` as they are generated; return them."""
+def sample(cfg: DictConfig, out=None) -> list[str]:
+    """Write `num_samples` samples to `out` (standard output by default) as they are generated; return them."""
+    out = out or sys.stdout  # looked up at call time: the stream in use now, not the one at import
     check_values(cfg)
     import torch
 

@@ -7,11 +7,12 @@ import hydra
 from omegaconf import DictConfig
 
 from shakegpt.run.configs import CONF_DIR
-from shakegpt.run.train import run_job
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from shakegpt.run.train import run_job  # torch and Lightning: not needed for --help or a refused value
+
     return run_job(cfg)
 
 

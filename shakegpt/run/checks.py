@@ -1,8 +1,8 @@
 """Every check a training config must pass before any work starts.
 
-`check_train_config(cfg, output_dir)` runs before Hydra makes the run directory (from the Hydra
-callback in `shakegpt.run.rundir`) and again at the top of `train()`, so a notebook, a test or a sweep
-job gets the same checks. Each failure is one `ConfigError` (or `DataError`/`CheckpointError`)
+`check_train_config(cfg, output_dir)` runs once per run: before Hydra makes the run directory (from
+the Hydra callback in `shakegpt.run.rundir`, which then marks the directory checked), or else at the
+top of `train()`, so a notebook, a test or a sweep job gets the same checks. Each failure is one `ConfigError` (or `DataError`/`CheckpointError`)
 whose message names the key, the value and what is accepted. Checks that need the corpus (the
 vocabulary size, a resumed run's vocabulary) run in `train()` once the corpus is read, still before
 the Trainer starts.
@@ -211,6 +211,24 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
         check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(mcfg.to_dict()))
+
+
+_checked_up_front: set[str] = set()
+
+
+def checked_up_front(output_dir: str | Path) -> None:
+    """Mark the run in `output_dir` as checked (by the Hydra callback, before its directory was made)."""
+    _checked_up_front.add(str(Path(output_dir).absolute()))
+
+
+def take_checked_up_front(output_dir: str | Path) -> bool:
+    """Whether the run in `output_dir` was checked up front; the mark is used up, so a second run in
+    the same directory in this process is checked again."""
+    key = str(Path(output_dir).absolute())
+    if key in _checked_up_front:
+        _checked_up_front.discard(key)
+        return True
+    return False
 
 
 def check_run_directory(run_dir: Path, resuming: bool) -> None:

@@ -54,7 +54,7 @@ class PrepareRun(Callback):
     each job's config is checked when the job starts, so one bad job fails alone."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from shakegpt.run.checks import check_train_config
+        from shakegpt.run.checks import check_train_config, checked_up_front
 
         HydraConfig.instance().set_config(config)  # so that ${hydra:...} resolves in the checks
         explicit = given_on_command_line(config, "hydra.run.dir")
@@ -65,6 +65,7 @@ class PrepareRun(Callback):
             if not explicit:
                 target = claim(target)
                 self._set_output_dir(config, target)
+            checked_up_front(target)  # train() need not check the same config again
         except ShakeGPTError as e:  # the user's to fix: one line, and nothing made
             raise SystemExit(f"error: {e}") from None
         except OSError as e:  # checked writable a moment ago: the disk changed under us

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from shakegpt.errors import ShakeGPTError, TrainingFailed
 from shakegpt.hardware import emulated_bf16_warning, physical_cores, step_choices
 from shakegpt.logs import FILE_ONLY
-from shakegpt.run.checks import check_train_config
+from shakegpt.run.checks import check_train_config, take_checked_up_front
 from shakegpt.run.console import header, summary
 from shakegpt.run.failures import describe_failure, lost_ranks_reported
 from shakegpt.run.hparams import differing, hparams_of, param_counts
@@ -54,7 +54,8 @@ def train(
     """Fit the model that `cfg` describes; return the final callback metrics as floats. `choices`
     (the config groups' options), `differ` (the keys that set this run apart) and `name` label the
     run in TensorBoard's HParams tab."""
-    check_train_config(cfg, cfg.paths.output_dir, check_ckpt=False)  # the checkpoint: below, with the vocabulary
+    if not take_checked_up_front(cfg.paths.output_dir):  # a command line's run was checked before its directory
+        check_train_config(cfg, cfg.paths.output_dir, check_ckpt=False)  # the checkpoint: below, with the vocabulary
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data)
     datamodule.prepare_data()

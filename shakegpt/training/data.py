@@ -22,13 +22,14 @@ from shakegpt.corpus import (
     resolve_corpus,
     split_ids,
 )
-from shakegpt.errors import ConfigError, is_number, non_negative_int, positive_int
+from shakegpt.errors import ConfigError, checked_once, is_number, non_negative_int, positive_int
 from shakegpt.logs import FILE_ONLY
 from shakegpt.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
 
 
+@checked_once
 def check_data(batch_size: Any, seq_len: Any, val_fraction: Any, num_workers: Any = 0) -> None:
     positive_int("data.batch_size", batch_size)
     positive_int("data.seq_len", seq_len)

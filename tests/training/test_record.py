@@ -11,7 +11,7 @@ from shakegpt.run.records import last_sample, read_scalars, summarize
 from shakegpt.run.train import train
 from shakegpt.training.record import RECORD_FILE
 
-from .tb import load_run, scalars
+from ..tb import load_run, scalars
 
 
 def test_the_record_holds_what_tensorboard_and_csv_hold(make_cfg, tmp_path):

@@ -13,7 +13,7 @@ from shakegpt.run.configs import MAX_NAME_BYTES, path_safe
 from shakegpt.run.console import quoted, summary
 from shakegpt.run.rundir import claim
 
-from .conftest import ROOT, TINY
+from ..conftest import ROOT, TINY, run_here
 
 
 def test_claims_made_at_once_get_distinct_directories(tmp_path):
@@ -119,9 +119,11 @@ def test_two_runs_started_together_get_their_own_directories(tmp_path):
 
 def test_a_refused_run_makes_no_directory_at_all(tmp_path):
     """A bad value is refused before Hydra makes outputs/runs/<run>, and the message is one line."""
-    p = _default_run(tmp_path, "optim.min_lr_ratio=-3")
-    _, err = p.communicate(timeout=120)
-    assert p.returncode == 1
+    from shakegpt.commands import train as train_command
+
+    r = run_here(train_command.main, f"data.path={TINY}", "optim.min_lr_ratio=-3", cwd=tmp_path)
+    err = r.stderr
+    assert r.returncode == 1
     assert err.strip().splitlines()[-1] == (
         "error: optim.min_lr_ratio=-3 is invalid; it must be in [0, 1] (the final lr as a share of optim.lr)"
     )

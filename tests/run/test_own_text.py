@@ -18,9 +18,9 @@ from shakegpt.run.records import read_scalars
 from shakegpt.run.train import train
 from shakegpt.training.checkpoint import export_bundle, load_bundle, model_from_checkpoint, resolve_checkpoint
 
-from .conftest import compose_cfg
+from ..conftest import compose_cfg
 
-OWN = Path(__file__).parent / "fixtures" / "own_text.txt"  # German, Greek, Japanese, Danish, Turkish, Polish
+OWN = Path(__file__).parents[1] / "fixtures" / "own_text.txt"  # German, Greek, Japanese, Danish, Turkish, Polish
 
 
 def sha256(path: Path) -> str:
@@ -70,7 +70,7 @@ def test_a_non_english_text_trains_samples_evaluates_and_exports(own_corpus, tmp
 
 
 def _sample_defaults() -> dict:
-    conf = Path(__file__).parents[1] / "conf"
+    conf = Path(__file__).parents[2] / "conf"
     base = OmegaConf.to_container(OmegaConf.load(conf / "sample.yaml"))
     base.pop("defaults"), base.pop("hydra")
     return {**base, **OmegaConf.to_container(OmegaConf.load(conf / "sampling" / "default.yaml")), "num_chars": 40}
@@ -111,3 +111,20 @@ def test_shakegpt_data_stands_for_tinyshakespeare_only(tiny_corpus, own_corpus, 
     assert resolve_corpus(None, tmp_path) == tiny_corpus  # the default corpus: the local copy
     got = resolve_corpus(None, tmp_path, url=own_corpus.as_uri(), sha256=sha256(own_corpus))
     assert got.read_bytes() == own_corpus.read_bytes()  # another corpus: its own file, not tinyshakespeare
+
+
+def test_a_corpus_of_ones_own_is_one_yaml(own_corpus, tmp_path):
+    """docs/configuration.md: a corpus is `conf/data/name.yaml` starting from `text` (here in a user's
+    config directory, as `hydra.searchpath` adds it); the rest of data comes from the default's."""
+    from hydra.utils import instantiate
+
+    data_dir = tmp_path / "conf" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "mybook.yaml").write_text(f"defaults:\n  - text\n  - _self_\n\npath: {own_corpus}\n")
+    cfg = compose_cfg(tmp_path / "run", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "data=mybook", shrink=False)
+    default = compose_cfg(tmp_path / "run", shrink=False)
+    assert cfg.data.path == str(own_corpus) and cfg.data.batch_size == default.data.batch_size
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert datamodule.tokenizer.chars == "".join(sorted(set(own_corpus.read_text(encoding="utf-8"))))

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from shakegpt.commands import train as train_command
 from shakegpt.hardware import cpu_has_fast_bf16
 from shakegpt.run.hparams import differing, hparams_of
 from shakegpt.run.train import train
@@ -15,8 +16,8 @@ from shakegpt.training.callbacks import original_log_line
 from shakegpt.training.data import CharDataModule
 from shakegpt.training.module import LitGPT, lr_factor
 
-from .conftest import ROOT, SHAKESPEARE_VOCAB, TINY, compose_cfg, start_training, wait_for_log
-from .tb import hparams, hparams_view, load_run, scalars, texts
+from ..conftest import ROOT, SHAKESPEARE_VOCAB, TINY, compose_cfg, run_here, start_training, wait_for_log
+from ..tb import hparams, hparams_view, load_run, scalars, texts
 
 
 @pytest.fixture
@@ -189,37 +190,16 @@ def test_the_original_log_line_and_its_width():
             "error: model.d_model=128 is not divisible by model.n_head=5; pick n_head among the divisors of 128",
             [],
         ),
-        # the others cost a subprocess each too (~7 s): run with the slow tests
-        pytest.param(
-            ["+model.heads=8"],
-            "error: unknown model config key(s) ['heads']; known keys: [",
-            [],
-            marks=pytest.mark.slow,
-        ),
+        (["+model.heads=8"], "error: unknown model config key(s) ['heads']; known keys: [", []),
         # Hydra's own composition errors: they name the value and list what is accepted
-        pytest.param(
-            ["model=v4"],
-            None,
-            ["Could not find 'model/v4'", "Available options in 'model'", "quickstart"],
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            ["model.heads=8"],
-            None,
-            ["Could not override 'model.heads'", "Key 'heads' is not in struct"],
-            marks=pytest.mark.slow,
-        ),
+        (["model=v4"], None, ["Could not find 'model/v4'", "Available options in 'model'", "quickstart"]),
+        (["model.heads=8"], None, ["Could not override 'model.heads'", "Key 'heads' is not in struct"]),
     ],
 )
 def test_command_line_mistakes_are_named_and_leave_no_run_directory(tmp_path, args, last_line, also):
+    """In this process (`run_here`): the command line itself runs in a subprocess above."""
     out = tmp_path / "bad"
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"data.path={TINY}", *args, f"hydra.run.dir={out}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = run_here(train_command.main, f"data.path={TINY}", *args, f"hydra.run.dir={out}", cwd=tmp_path)
     assert r.returncode == 1
     if last_line:
         assert r.stderr.strip().splitlines()[-1].startswith(last_line), r.stderr[-1500:]

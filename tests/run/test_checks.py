@@ -138,3 +138,66 @@ def test_sampling_on_a_gpu_this_machine_lacks_is_one_line():
     with pytest.raises(ConfigError, match="device='gpu0' is not a device name"):
         check_device("gpu0")
     assert check_device("cpu") == torch.device("cpu")
+
+
+def test_a_command_line_run_checks_its_config_once(tmp_path, monkeypatch):
+    """`python train.py …` in-process: the config is checked before the run directory is made and
+    not again in train(); the parts' own checks (optimizer, data, corpus source, compile), which
+    LitGPT and the datamodule repeat, really run once each."""
+    import shakegpt.run.checks as checks_module
+    import shakegpt.run.train as train_module
+    from shakegpt.commands import train as train_command
+    from shakegpt.corpus import check_source
+    from shakegpt.hardware import check_compile
+    from shakegpt.optim import check_optim
+    from shakegpt.training.data import check_data
+
+    from ..conftest import SHRINK, run_here
+
+    calls = []
+    real = checks_module.check_train_config
+
+    def counting(*args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("output_dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checks_module, "check_train_config", counting)
+    monkeypatch.setattr(train_module, "check_train_config", counting)
+    parts = (check_optim, check_data, check_source, check_compile)
+    for part in parts:
+        part.forget()  # earlier tests' values: checked again here
+    before = [p.runs for p in parts]
+    run_dir = tmp_path / "run"
+    r = run_here(train_command.main, *SHRINK, f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(calls) == 1 and str(run_dir) in str(calls[0])
+    assert [p.runs - b for p, b in zip(parts, before, strict=True)] == [1, 1, 1, 1]
+
+
+def test_train_called_directly_checks_and_a_mark_is_used_once(make_cfg, tmp_path):
+    """A run not started from the command line (a notebook, a sweep job) is checked in train(); a
+    directory marked checked is trusted once, then checked again."""
+    from shakegpt.run.checks import checked_up_front, take_checked_up_front
+
+    with pytest.raises(ConfigError, match="optim.lr=-1"):
+        train(make_cfg("optim.lr=-1"))
+    checked_up_front(tmp_path / "b")
+    assert take_checked_up_front(tmp_path / "b") and not take_checked_up_front(tmp_path / "b")
+
+
+def test_a_value_check_remembers_only_what_passed():
+    """A bad value is refused every time it is given; a good one, in any key order, runs once."""
+    from shakegpt.optim import check_optim
+
+    good = {"lr": 0.00123, "weight_decay": 0.0, "betas": [0.9, 0.95], "warmup_steps": 0}
+    good |= {"min_lr_ratio": 0.5, "schedule": "constant", "name": "adamw"}
+    runs = check_optim.runs
+    check_optim(good)
+    check_optim(dict(reversed(list({**good, "betas": (0.9, 0.95)}.items()))))
+    assert check_optim.runs == runs + 1
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="optim.lr=-0.00123"):
+            check_optim({**good, "lr": -0.00123})
+    check_optim({**good, "lr": 1})  # an int 1 is another value than 0.00123: checked
+    assert check_optim.runs == runs + 4

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from .conftest import ROOT, TINY
-from .tb import hparams, load_run, scalars
+from ..conftest import ROOT, TINY
+from ..tb import hparams, load_run, scalars
 
 pytestmark = pytest.mark.slow
 

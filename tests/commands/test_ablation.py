@@ -13,7 +13,7 @@ from shakegpt.commands.results import ablation_table, main, plot_ablation
 from shakegpt.errors import ConfigError
 from shakegpt.run.train import train
 
-from .conftest import CONF, TINY
+from ..conftest import CONF, TINY
 
 OPTIONS = str(OmegaConf.load(CONF / "experiment" / "ablation.yaml").hydra.sweeper.params.ablation).split(",")
 

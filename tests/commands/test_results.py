@@ -13,8 +13,8 @@ from shakegpt.errors import ConfigError
 from shakegpt.run.records import last_sample, read_scalars, summarize, sweep_table
 from shakegpt.training.checkpoint import model_from_checkpoint
 
-from .conftest import SHAKESPEARE_VOCAB, compose_cfg
-from .tb import load_run, texts
+from ..conftest import SHAKESPEARE_VOCAB, compose_cfg
+from ..tb import load_run, texts
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_keep_names_a_directory_that_is_not_a_run(tmp_path):
         summarize(tmp_path)
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def results_rows(page: str, run: str) -> list[str]:

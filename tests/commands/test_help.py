@@ -1,17 +1,22 @@
 """Each command's --help says what it does, what can be typed, and gives examples; a missing
 required key is one line."""
 
-import subprocess
-import sys
+import importlib
 
 import pytest
 from omegaconf import OmegaConf
 
-from .conftest import ROOT
+from ..conftest import ROOT, run_here
 
 
 def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    """`python train.py …` or `python -m <command> …`, run in this process (their command lines
+    have a subprocess test each in test_train.py and test_checkpoint.py)."""
+    if args[0] == "train.py":
+        module, rest = "shakegpt.commands.train", args[1:]
+    else:
+        module, rest = args[1], args[2:]
+    return run_here(importlib.import_module(module).main, *rest)
 
 
 def test_train_help_lists_groups_and_examples_not_the_config_dump():

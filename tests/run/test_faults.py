@@ -19,8 +19,8 @@ from shakegpt.training.callbacks import AtomicCheckpointIO
 from shakegpt.training.checkpoint import resolve_resume
 from shakegpt.training.module import LitGPT, lr_factor
 
-from .conftest import ROOT, compose_cfg, start_training, train_command
-from .tb import hparams, hparams_view, load_run
+from ..conftest import ROOT, compose_cfg, start_training, train_command
+from ..tb import hparams, hparams_view, load_run
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeypatch):

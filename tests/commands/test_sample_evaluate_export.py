@@ -1,7 +1,7 @@
-"""Loading checkpoints safely, sampling and evaluating from them, exported bundles."""
+"""The sample, evaluate and export commands: the same text for the same seed, the numbers training
+logged, bundles, and one line for each mistake."""
 
 import json
-import pickle
 import subprocess
 import sys
 
@@ -9,91 +9,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from shakegpt.commands import evaluate as evaluate_command
+from shakegpt.commands import sample as sample_command
 from shakegpt.commands.evaluate import evaluate, evaluate_checkpoint
 from shakegpt.commands.results import plot
 from shakegpt.errors import CheckpointError, ConfigError, DataError
 from shakegpt.training.checkpoint import (
     export_bundle,
     load_bundle,
-    model_from_checkpoint,
-    read_checkpoint,
     resolve_checkpoint,
 )
 
-from .conftest import ROOT, TINY
-from .tb import load_run, scalars
-
-
-def test_run_directory_resolves_to_its_best_checkpoint(trained_run, tmp_path):
-    out, _, _ = trained_run
-    best = resolve_checkpoint(out)
-    assert best.name.startswith("best-step") and best.parent == out / "checkpoints"
-    assert resolve_checkpoint(out / "checkpoints" / "last.ckpt").name == "last.ckpt"
-    with pytest.raises(CheckpointError, match="does not exist"):
-        resolve_checkpoint(tmp_path / "nope.ckpt")
-    with pytest.raises(CheckpointError, match="without best-\\*.ckpt or last.ckpt"):
-        resolve_checkpoint(tmp_path)
-
-
-def test_truncated_and_garbage_checkpoints_are_refused(trained_run, tmp_path):
-    out, _, _ = trained_run
-    data = (out / "checkpoints" / "last.ckpt").read_bytes()
-    (tmp_path / "half.ckpt").write_bytes(data[: len(data) // 2])
-    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    for name in ("half.ckpt", "junk.ckpt"):
-        with pytest.raises(CheckpointError, match=f"{name} is not a readable checkpoint") as e:
-            read_checkpoint(tmp_path / name)
-        assert str(e.value).endswith("it is not a file torch.save wrote, or it was cut short")
-
-
-class _Payload:  # unpickling this would run code (create a file)
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
-def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
-    evil, marker = tmp_path / "evil.ckpt", tmp_path / "pwned"
-    torch.save(
-        {"state_dict": {}, "hyper_parameters": {"model": {}, "vocab": "ab"}, "x": _Payload(marker)},
-        evil,
-        pickle_protocol=pickle.DEFAULT_PROTOCOL,
-    )
-    with pytest.raises(CheckpointError, match="not a readable checkpoint: it holds objects that would need code") as e:
-        read_checkpoint(evil)
-    assert not marker.exists()
-    assert "weights_only" not in str(e.value)  # torch's advice to load it unsafely is not passed on
-
-
-def test_weights_that_do_not_fit_their_config_are_refused(trained_run, tmp_path):
-    out, _, _ = trained_run
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
-    ckpt["hyper_parameters"]["model"]["n_layer"] = 5
-    torch.save(ckpt, tmp_path / "other.ckpt")
-    with pytest.raises(CheckpointError, match="the weights do not fit the model config .*n_layer=5"):
-        model_from_checkpoint(tmp_path / "other.ckpt")
-
-
-def test_bundle_loads_without_lightning_or_hydra_and_matches(trained_run, tmp_path):
-    out, _, _ = trained_run
-    bundle = export_bundle(out, tmp_path / "bundle")
-    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
-    model, tok, _ = model_from_checkpoint(out)
-    again, tok2 = load_bundle(bundle)
-    x = tok.encode("First Keeper:\n")[None]
-    assert tok2.chars == tok.chars and torch.equal(model(x), again(x))
-    code = (
-        "import sys; from shakegpt.training.checkpoint import load_bundle; "
-        f"m, t = load_bundle({str(bundle)!r}); "
-        "assert not any(k.split('.')[0] in ('lightning', 'hydra', 'pytorch_lightning') for k in sys.modules), "
-        "sorted(k for k in sys.modules if 'lightning' in k or 'hydra' in k)"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
-    (bundle / "config.json").unlink()
-    with pytest.raises(CheckpointError, match="lacks config.json"):
-        load_bundle(bundle)
+from ..conftest import ROOT, TINY, run_here
+from ..tb import load_run, scalars
 
 
 @pytest.mark.parametrize("command", ["shakegpt.commands.sample", "shakegpt.commands.evaluate"])
@@ -114,23 +42,29 @@ def test_sampling_and_evaluating_import_neither_torch_nor_lightning_to_check_val
 
 
 def sample_cli(*args, cwd=ROOT):
+    """`python -m shakegpt.commands.sample args…` in a subprocess: the command line itself."""
     return subprocess.run(
         [sys.executable, "-m", "shakegpt.commands.sample", *args], cwd=cwd, capture_output=True, text=True, timeout=120
     )
 
 
+def sample_here(*args, cwd=None):
+    """The same command run in this process (`run_here`)."""
+    return run_here(sample_command.main, *args, cwd=cwd)
+
+
 def test_sample_cli_streams_the_same_text_for_the_same_seed(trained_run, tmp_path):
     out, _, _ = trained_run
-    runs = [sample_cli(f"ckpt_path={out}", "prompt=First Keeper:", "num_chars=60", "seed=3") for _ in range(2)]
+    runs = [sample_here(f"ckpt_path={out}", "prompt=First Keeper:", "num_chars=60", "seed=3") for _ in range(2)]
     assert runs[0].returncode == 0, runs[0].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.startswith("First Keeper:")
     assert len(runs[0].stdout) == len("First Keeper:") + 60 + 1
-    other = sample_cli(f"ckpt_path={out}", "prompt=First Keeper:", "num_chars=60", "seed=4")
+    other = sample_here(f"ckpt_path={out}", "prompt=First Keeper:", "num_chars=60", "seed=4")
     assert other.stdout != runs[0].stdout
     # the exported bundle writes exactly what its checkpoint writes
     export_bundle(out, tmp_path / "b")
     assert (
-        sample_cli(f"ckpt_path={tmp_path / 'b'}", "prompt=First Keeper:", "num_chars=60", "seed=3").stdout
+        sample_here(f"ckpt_path={tmp_path / 'b'}", "prompt=First Keeper:", "num_chars=60", "seed=3").stdout
         == runs[0].stdout
     )
     # several samples, nucleus sampling, a prompt file
@@ -159,18 +93,18 @@ def test_sample_cli_streams_the_same_text_for_the_same_seed(trained_run, tmp_pat
 )
 def test_sample_cli_bad_values_are_one_line(trained_run, args, message):
     out, _, _ = trained_run
-    r = sample_cli(f"ckpt_path={out}", *args)
+    r = sample_here(f"ckpt_path={out}", *args)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(message), r.stderr[-1500:]
 
 
 def test_sample_cli_can_read_unknown_prompt_characters_as_unk(trained_run):
     out, _, _ = trained_run
-    r = sample_cli(f"ckpt_path={out}", "prompt='\u00e9'", "allow_unk=true", "num_chars=5")
+    r = sample_here(f"ckpt_path={out}", "prompt='\u00e9'", "allow_unk=true", "num_chars=5")
     assert r.returncode == 0 and r.stdout.startswith("\u00e9") and len(r.stdout.rstrip("\n")) == 6, r.stderr[-800:]
 
 
 def test_sample_cli_missing_checkpoint(tmp_path):
-    r = sample_cli(f"ckpt_path={tmp_path / 'none.ckpt'}")
+    r = sample_here(f"ckpt_path={tmp_path / 'none.ckpt'}")
     assert r.returncode == 1 and r.stderr.strip().endswith("does not exist; give a .ckpt file or a run directory")
 
 
@@ -189,20 +123,12 @@ def test_eval_gives_the_numbers_training_logged(trained_run):
 def test_eval_cli_table_and_json(trained_run, tmp_path):
     out, _, _ = trained_run
     js = tmp_path / "eval.json"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shakegpt.commands.evaluate",
-            f"ckpt_path=[{out},{out}/checkpoints/last.ckpt]",
-            f"data.path={TINY}",
-            "data.batch_size=4",
-            f"out={js}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = run_here(
+        evaluate_command.main,
+        f"ckpt_path=[{out},{out}/checkpoints/last.ckpt]",
+        f"data.path={TINY}",
+        "data.batch_size=4",
+        f"out={js}",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "val loss" in r.stdout and "last pos" in r.stdout and r.stdout.count(".ckpt") == 2

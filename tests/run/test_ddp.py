@@ -13,8 +13,8 @@ import torch
 
 from shakegpt.training.module import LitGPT
 
-from .conftest import ROOT, TINY, start_training, wait_for_log
-from .tb import load_run, scalars
+from ..conftest import ROOT, TINY, start_training, wait_for_log
+from ..tb import load_run, scalars
 
 pytestmark = pytest.mark.slow
 
