@@ -29,6 +29,15 @@ class TrainingFailed(ShakeGPTError, RuntimeError):
     message says what happened and which checkpoint to resume from, the cause is chained."""
 
 
+class RunInterrupted(ShakeGPTError, RuntimeError):
+    """A signal stopped training (Ctrl-C, SIGTERM); the program exits with the shell's convention,
+    128 + the signal's number (130, 143), so a scheduler or a `&&` chain sees a run that did not finish."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class CheckpointError(ShakeGPTError, RuntimeError):
     """A checkpoint or exported bundle is missing, unreadable, or does not fit its model."""
 

@@ -181,15 +181,16 @@ def ablation_options() -> list[str]:
     return str(cfg.hydra.sweeper.params.ablation).split(",")
 
 
-def bench_ablation(corpus: Path, options: list[str], steps: int, warmup: int) -> dict:
+def bench_ablation(corpus: Path, options: list[str], steps: int, warmup: int, overrides: list[str] = ()) -> dict:
     """Seconds per training step (forward, backward, clipping, optimizer) of each ablation option at
-    the ablation's shape: one bare loop per option, a step of each in turn (each round starting one
+    the ablation's shape (or the shape `overrides` set): one bare loop per option, a step of each in turn (each round starting one
     option further on), medians of `steps` after `warmup` rounds; `vs_base` is the ratio to base's."""
-    loops = {}
+    loops, shapes = {}, {}
     for option in options:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=["experiment=ablation", f"ablation={option}"])
+            cfg = compose("train", overrides=["experiment=ablation", f"ablation={option}", *overrides])
         B, T, o = cfg.data.batch_size, cfg.data.seq_len, cfg.optim
+        shapes[option] = {"batch_size": B, "seq_len": T}
         if not loops:
             dm = CharDataModule(path=str(corpus), batch_size=B, seq_len=T, seed=cfg.seed)
             dm.setup("fit")
@@ -210,7 +211,7 @@ def bench_ablation(corpus: Path, options: list[str], steps: int, warmup: int) ->
             loops[option].step()
     step_s = {option: statistics.median(loop.times[warmup:]) for option, loop in loops.items()}
     base = step_s.get("base", next(iter(step_s.values())))
-    return {option: {"step_s": s, "vs_base": s / base} for option, s in step_s.items()}
+    return {option: {"step_s": s, "vs_base": s / base, **shapes[option]} for option, s in step_s.items()}
 
 
 def bench_generation(preset: str, num_chars: int) -> dict:
@@ -356,7 +357,7 @@ def _main_ablation(args, corpus: Path) -> dict:
     steps, warmup = args.steps, args.warmup
     options = ablation_options()
     print(f"ablation: {len(options)} options, {warmup} + {steps} steps each, in turn", flush=True)
-    result = bench_ablation(corpus, options, steps, warmup)
+    result = bench_ablation(corpus, options, steps, warmup, args.overrides)
     print(f"\n{'option':<13} {'s/step':>8} {'vs base':>8}")
     for option, r in result.items():
         print(f"{option:<13} {r['step_s']:>8.4f} {r['vs_base']:>7.2f}x")

@@ -114,7 +114,12 @@ def sample(cfg: DictConfig, out=None) -> list[str]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
-    sample(cfg)
+    try:
+        sample(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays, no traceback
+        print(file=sys.stdout, flush=True)
+        print("stopped: Ctrl-C (SIGINT)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

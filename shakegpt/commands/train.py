@@ -7,13 +7,26 @@ import hydra
 from omegaconf import DictConfig
 
 from shakegpt.run.configs import CONF_DIR
+from shakegpt.run.rundir import claimed_run_dir
+from shakegpt.run.signals import sigterm_raises, stopped_before_training
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
     from shakegpt.run.train import run_job  # torch and Lightning: not needed for --help or a refused value
 
     return run_job(cfg)
+
+
+def main() -> float | None:
+    # Ctrl-C or SIGTERM before training starts (Hydra making the run, imports, the corpus) ends in one
+    # line with no run directory left; Lightning handles both once fit runs
+    claimed_run_dir(forget=True)
+    with sigterm_raises():
+        try:
+            return run()
+        except KeyboardInterrupt as e:
+            stopped_before_training(e, claimed_run_dir())
 
 
 if __name__ == "__main__":

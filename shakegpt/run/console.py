@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from pathlib import Path
 
 
@@ -55,3 +56,29 @@ def summary(run_dir: Path, best: str | None, best_loss: float | None, steps: int
         f"resume   this run's command + {ckpt} trainer.max_steps=<more>",
     ]
     return "\n".join(lines)
+
+
+# Hydra overrides that name where a run goes or how a sweep was split up: the resume command sets its own
+NOT_REPEATED = ("ckpt_path", "hydra.run.dir", "hydra.sweep.dir", "hydra.mode", "hydra.job.env_set", "hydra.job.config")
+
+
+def program() -> str:
+    """How the running command was started, as a user would type it again."""
+    name = Path(sys.argv[0]).name
+    if name == "train.py":
+        return f"python {shlex.quote(shown(Path(sys.argv[0])))}"
+    return name if name.startswith("shakegpt-") else "python -m shakegpt"
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes the run in `run_dir`, in that directory: the program and overrides it
+    was started with, plus ckpt_path and hydra.run.dir naming the directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    given = [*hc.overrides.hydra, *hc.overrides.task]
+    kept = [o for o in given if not o.split("=", 1)[0].lstrip("+~").startswith(NOT_REPEATED)]
+    where = shown(run_dir)
+    return " ".join(
+        [program(), *(shlex.quote(o) for o in kept), override("ckpt_path", where), override("hydra.run.dir", where)]
+    )

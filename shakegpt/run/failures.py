@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
+from shakegpt.run.signals import SIGNAL_WORDS
 from shakegpt.training.checkpoint import step_of
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,29 @@ def describe_failure(e: BaseException | str, run_dir: Path, step: int | None = N
     else:
         line += "; no checkpoint was written"
     return line
+
+
+def stopping_signal(e: BaseException) -> int | None:
+    """The signal that ended `Trainer.fit`, or None: Lightning turns SIGTERM into its SIGTERMException
+    and Ctrl-C into `sys.exit(1)` raised while handling the KeyboardInterrupt."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(e, SIGTERMException):
+        return signal.SIGTERM
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+        return signal.SIGINT
+    return None
+
+
+def describe_interruption(signum: int, run_dir: Path, step: int) -> str:
+    """One line: which signal stopped the run, at which step, and the checkpoint it can resume from."""
+    what = SIGNAL_WORDS.get(signum, signal.Signals(signum).name)
+    if step == 0:
+        return f"{what} before the first training step; nothing to keep"
+    saved = run_dir / "checkpoints" / "interrupted.ckpt"
+    if saved.is_file() and step_of(saved) == step:
+        return f"{what} at step {step}; its state is saved in {saved}"
+    return describe_failure(what, run_dir, step)
 
 
 @contextlib.contextmanager

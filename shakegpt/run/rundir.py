@@ -48,10 +48,20 @@ def given_on_command_line(config: DictConfig, key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
 
+def claimed_run_dir(forget: bool = False) -> Path | None:
+    """The directory of the single run this process started, or None (none yet, or a sweep);
+    `forget=True` at a command's start, so that a second run in the same process never sees the first's."""
+    if forget:
+        PrepareRun.claimed = None
+    return PrepareRun.claimed
+
+
 class PrepareRun(Callback):
     """Before Hydra makes a run's directory: check the whole config (one line naming the bad value,
     nothing created), then claim a directory no other run uses. For a sweep, claim its directory;
     each job's config is checked when the job starts, so one bad job fails alone."""
+
+    claimed: Path | None = None  # the single run's directory, once claimed (`claimed_run_dir`)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from shakegpt.run.checks import check_train_config, checked_up_front
@@ -66,6 +76,7 @@ class PrepareRun(Callback):
                 target = claim(target)
                 self._set_output_dir(config, target)
             checked_up_front(target)  # train() need not check the same config again
+            PrepareRun.claimed = target
         except ShakeGPTError as e:  # the user's to fix: one line, and nothing made
             raise SystemExit(f"error: {e}") from None
         except OSError as e:  # checked writable a moment ago: the disk changed under us
@@ -175,3 +186,22 @@ def remove_if_empty(run_dir: Path) -> None:
     record and a log ending in the error just printed, and would clutter outputs/."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# what a run writes into its directory before its first step; a stopped run's directory is emptied of these only
+RUN_ENTRIES = (".hydra", "train.log", "tensorboard", "csv", "record.jsonl", "checkpoints")
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """Delete what a run stopped before its first step wrote, and its directory if nothing else is
+    in it (a directory given with hydra.run.dir may hold a user's own files: those stay)."""
+    if not run_dir.is_dir() or any((run_dir / "checkpoints").glob("*.ckpt")):
+        return
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()

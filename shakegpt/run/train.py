@@ -5,7 +5,9 @@ The command itself is `shakegpt.commands.train`."""
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -21,14 +23,20 @@ from lightning.pytorch.callbacks import Checkpoint, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from shakegpt.errors import ShakeGPTError, TrainingFailed
+from shakegpt.errors import RunInterrupted, ShakeGPTError, TrainingFailed
 from shakegpt.hardware import emulated_bf16_warning, physical_cores, step_choices
 from shakegpt.logs import FILE_ONLY
 from shakegpt.run.checks import check_train_config, take_checked_up_front
-from shakegpt.run.console import header, summary
-from shakegpt.run.failures import describe_failure, lost_ranks_reported
+from shakegpt.run.console import header, resume_command, summary
+from shakegpt.run.failures import describe_failure, describe_interruption, lost_ranks_reported, stopping_signal
 from shakegpt.run.hparams import differing, hparams_of, param_counts
-from shakegpt.run.rundir import record_job_failure, remove_if_empty, run_identity, sweeper_records_failures
+from shakegpt.run.rundir import (
+    record_job_failure,
+    remove_if_empty,
+    run_identity,
+    sweeper_records_failures,
+)
+from shakegpt.run.signals import Terminated, lightning_takes_sigterm, stopped_before_training
 from shakegpt.run.sweep_ddp import sweep_job
 from shakegpt.training.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout, StepProgressBar
 from shakegpt.training.checkpoint import check_resumable
@@ -139,16 +147,26 @@ def train(
                 precision,
             ),
         )
+    lightning_takes_sigterm()
     try:
         # weights_only: resuming reads tensors and plain data, never code from the file
         with lost_ranks_reported(trainer, Path(cfg.paths.output_dir)):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except ShakeGPTError:
         raise
+    except (SystemExit, KeyboardInterrupt) as e:
+        signum = stopping_signal(e)
+        if signum is None:
+            raise
+        line = describe_interruption(signum, Path(cfg.paths.output_dir), trainer.global_step)
+        raise RunInterrupted(line, signum) from None
     except Exception as e:
         raise TrainingFailed(describe_failure(e, Path(cfg.paths.output_dir), trainer.global_step)) from e
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if "val/loss_best" not in metrics and math.isfinite(module.best_val_loss):
+        # a resumed run that ended before its next validation: the best so far is the checkpoint's
+        metrics["val/loss_best"] = module.best_val_loss
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # the next job of a sweep starts new ranks: it must not find this job's process group
         torch.distributed.destroy_process_group()
@@ -166,6 +184,16 @@ def train(
     return metrics
 
 
+def stopped(e: RunInterrupted, run_dir: Path) -> None:
+    """End the program for a signal: one line with the command that resumes the run where it was
+    (or, stopped before its first step, no run directory left), and the exit code 130 or 143."""
+    log.info("stopped: %s", e, extra=FILE_ONLY)
+    if "before the first training step" in str(e):
+        stopped_before_training(Terminated() if e.exit_code == 128 + signal.SIGTERM else KeyboardInterrupt(), run_dir)
+    print(f"stopped: {e}; resume with: {resume_command(run_dir)}", file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code)
+
+
 def run_job(cfg: DictConfig) -> float | None:
     """One training job as the command line runs it, inside Hydra (a single run or a sweep's job): train,
     tell a user's error in one line, and return the metric a sweeper optimizes (`optimized_metric`)."""
@@ -173,9 +201,14 @@ def run_job(cfg: DictConfig) -> float | None:
     # a deprecation inside Lightning that users can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     differ, name = run_identity()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with sweep_job():
             metrics = train(cfg, dict(HydraConfig.get().runtime.choices), differ, name)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before Lightning's handling began (the corpus, the model)
+        stopped_before_training(e, run_dir)
+    except RunInterrupted as e:
+        stopped(e, run_dir)
     except ShakeGPTError as e:  # the user's to fix, or a failure told in one line: no traceback on screen
         # train.log gets the message and the cause's traceback; the terminal gets one "error: …" line below
         log.error("%s", e, exc_info=e.__cause__, extra=FILE_ONLY)
@@ -190,8 +223,9 @@ def run_job(cfg: DictConfig) -> float | None:
         remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         raise SystemExit(f"error: {e}") from None
     name = cfg.get("optimized_metric")
-    if name:
-        if name not in metrics:
-            raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}")
-        return metrics[name]
-    return None
+    if name and name not in metrics:  # (a run too short to validate): a sweeper must not take a number
+        log.warning(
+            "warning: optimized_metric=%s was not logged by this run; logged: %s", name, ", ".join(sorted(metrics))
+        )
+        return math.nan
+    return metrics[name] if name else None

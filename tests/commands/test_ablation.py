@@ -89,10 +89,12 @@ def test_the_sweep_has_two_seeds_and_one_option_runs_alone(make_cfg):
 
 def test_bench_times_every_option_against_base(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--ablation", "--steps", "2", "--warmup", "0", "--data", str(TINY), "--out", str(out)])
+    shape = ["data.batch_size=2", "data.seq_len=16"]  # seconds less than the ablation's own shape
+    bench.main(["--ablation", "--steps", "2", "--warmup", "0", "--data", str(TINY), "--out", str(out), *shape])
     result = json.loads(out.read_text())["ablation"]
     assert list(result) == OPTIONS
     assert result["base"]["vs_base"] == 1.0 and all(r["step_s"] > 0 for r in result.values())
+    assert all((r["batch_size"], r["seq_len"]) == (2, 16) for r in result.values())
     assert result["muon"]["vs_base"] == result["muon"]["step_s"] / result["base"]["step_s"]
     printed = capsys.readouterr().out
     assert all(f"\n{option} " in printed for option in OPTIONS)

@@ -1,0 +1,174 @@
+"""How a run ends when a signal stops it: one line saying what happened, the checkpoint and the
+command that resumes it; the shell's exit code for the signal (130 for Ctrl-C, 143 for SIGTERM), so
+a scheduler or a `&&` chain never takes a stopped run for a finished one; and nothing left behind by
+a run stopped before its first step. The slow tests send real signals to real processes, under a
+pipe and under a pseudo-terminal."""
+
+import os
+import pty
+import select
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shakegpt.errors import RunInterrupted
+from shakegpt.run.failures import describe_interruption, stopping_signal
+from shakegpt.run.rundir import remove_unstarted
+from shakegpt.run.signals import Terminated
+
+from ..conftest import ROOT, train_command, wait_for_log
+
+
+def test_what_lightning_leaves_is_read_as_the_signal():
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    assert stopping_signal(SIGTERMException()) == signal.SIGTERM
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)  # what Lightning does on Ctrl-C
+    except SystemExit as e:
+        assert stopping_signal(e) == signal.SIGINT
+    assert stopping_signal(SystemExit(1)) is None and stopping_signal(SystemExit(0)) is None
+    assert isinstance(Terminated(), KeyboardInterrupt) and Terminated.signum == signal.SIGTERM
+    assert RunInterrupted("x", signal.SIGTERM).exit_code == 143 and RunInterrupted("x", signal.SIGINT).exit_code == 130
+
+
+def test_the_line_names_the_signal_the_step_and_the_checkpoint(trained_run, tmp_path):
+    out, _, _ = trained_run
+    line = describe_interruption(signal.SIGTERM, out, 6)  # no interrupted.ckpt there: the last good one
+    assert line.startswith("SIGTERM (a scheduler's preemption or a kill); training stopped at step 6")
+    assert f"resume with ckpt_path={out}" in line
+    before = describe_interruption(signal.SIGINT, tmp_path, 0)
+    assert before == "Ctrl-C (SIGINT) before the first training step; nothing to keep"
+
+
+def test_a_run_stopped_before_its_first_step_leaves_only_what_was_there(tmp_path):
+    run = tmp_path / "given"  # a directory given with hydra.run.dir, holding a file of the user's
+    (run / ".hydra").mkdir(parents=True)
+    (run / "train.log").write_text("x")
+    (run / "tensorboard").mkdir()
+    (run / "notes.txt").write_text("mine")
+    remove_unstarted(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    (run / "notes.txt").unlink()
+    (run / "train.log").write_text("x")
+    remove_unstarted(run)
+    assert not run.exists()
+
+
+def _start(out: Path, terminal: bool, *args: str):
+    """`python train.py …` writing to a pipe, or to a pseudo-terminal as in an interactive shell."""
+    cmd = train_command(out, "trainer.max_steps=100000", "trainer.val_check_interval=5", "sample.num_chars=5", *args)
+    if not terminal:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), None
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=secondary, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    return proc, primary
+
+
+def _finish(proc, primary) -> str:
+    """Wait for the process; what it wrote to standard error (a terminal: everything it wrote)."""
+    if primary is None:
+        return proc.communicate(timeout=120)[1]
+    chunks, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([primary], [], [], 0.5)
+        if ready:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # the process closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(primary)
+    return b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("terminal", [False, True], ids=["pipe", "terminal"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_mid_run_ends_in_one_line_and_its_command_resumes_in_place(tmp_path, sig, terminal):
+    out = tmp_path / "run"
+    proc, primary = _start(out, terminal)
+    try:
+        wait_for_log(out, "- step 5/")  # training under way: the first validation's log line
+        proc.send_signal(sig)
+        err = _finish(proc, primary)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    first = {
+        signal.SIGINT: "stopped: Ctrl-C (SIGINT) at step",
+        signal.SIGTERM: "stopped: SIGTERM (a scheduler's preemption or a kill) at step",
+    }
+    assert last.startswith(first[sig]) and "Traceback" not in err, err[-2000:]
+    ckpt = torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    step = ckpt["global_step"]
+    assert f"at step {step}; its state is saved in {out / 'checkpoints' / 'interrupted.ckpt'}" in last
+    assert step >= 5 and "optimizer_states" in ckpt
+    assert "stopped: " in (out / "train.log").read_text()
+    # the printed command, with a nearer end, continues the same run in the same directory
+    command = shlex.split(last.split("; resume with: ", 1)[1])
+    assert command[:2] == ["python", "train.py"] and f"hydra.run.dir={out}" in command
+    command = [sys.executable, "train.py"] + [a for a in command[2:] if not a.startswith("trainer.max_steps=")]
+    r = subprocess.run(
+        [*command, f"trainer.max_steps={step + 3}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming at step {step}" in (out / "train.log").read_text()
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step + 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_before_the_first_step_leaves_no_run_directory(tmp_path, sig):
+    out = tmp_path / "run"
+    proc, primary = _start(out, False)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "train.log").exists() and time.monotonic() < deadline:  # Hydra made it: imports follow
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        err = _finish(proc, primary)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    line = {
+        signal.SIGINT: "stopped: Ctrl-C (SIGINT) before the first training step; nothing to keep",
+        signal.SIGTERM: "stopped: SIGTERM (a scheduler's preemption or a kill) before the first training step; nothing to keep",
+    }
+    assert err.strip().splitlines()[-1] == line[sig], err[-2000:]
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_sampling_keeps_the_text_and_shows_no_traceback(trained_run):
+    run, _, _ = trained_run
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shakegpt.commands.sample", f"ckpt_path={run}", "num_chars=1000000", "prompt=First"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.read(40).startswith(b"First")  # streaming: the first characters are out
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and b"Traceback" not in err
+    assert err.decode().strip().splitlines()[-1] == "stopped: Ctrl-C (SIGINT)"
