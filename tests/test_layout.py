@@ -138,3 +138,18 @@ def test_the_tests_are_laid_out_like_the_package():
     assert test_dirs == layers
     for d in test_dirs:
         assert (tests / d / "__init__.py").is_file(), f"tests/{d} needs __init__.py (its modules import ..conftest)"
+
+
+def test_the_readme_code_map_names_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    code_map = readme.split("## Code map", 1)[1].split("\n## ", 1)[0]
+    missing = [
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py"
+        and path.stem not in SHIMS
+        and "conf" not in path.relative_to(PACKAGE).parts
+        and path.name not in code_map
+        and path.stem not in code_map
+    ]
+    assert not missing, f"the README's code map does not name {missing}"
