@@ -117,3 +117,26 @@ class CharDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         ds = ValWindows(self.val_ids, self.seq_len, rank, world)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def settings(self) -> dict[str, Any]:
+        """What the training stream depends on, by the config keys that set it."""
+        return {
+            "data.batch_size": self.batch_size,
+            "data.seq_len": self.seq_len,
+            "data.val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint, so that a resumed run can say which of these it changed."""
+        return {"settings": self.settings()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the stream's position follows the step (`train_dataloader`)."""
+
+    def changed_since(self, state: dict[str, Any] | None) -> list[str]:
+        """`key old -> new` for each setting that differs from those a checkpoint saved (none known
+        for a checkpoint written before they were saved)."""
+        saved = (state or {}).get("settings", {})
+        now = self.settings()
+        return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]

@@ -279,6 +279,9 @@ class LitGPT(L.LightningModule):
             for k in ("dropout", "attn_dropout")
             if k in before.get("model", {}) and before["model"][k] != hp.model.get(k)
         ]
+        datamodule = self.trainer.datamodule  # (restored after this hook: its saved settings are read here)
+        if datamodule is not None and hasattr(datamodule, "changed_since"):
+            changed += datamodule.changed_since(checkpoint.get(type(datamodule).__qualname__))
         log.info(
             "resuming at step %d; settings from this run's config: %s",
             step,

@@ -168,6 +168,30 @@ def test_a_new_run_in_a_used_directory_is_refused_and_changes_nothing(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+def test_the_resume_line_names_changed_data_and_seed(tmp_path, caplog):
+    """A resume with another batch size, window or seed says so; the same config says nothing changed."""
+    first = tmp_path / "first"
+    train(compose_cfg(first, "trainer.max_steps=3", "trainer.val_check_interval=3"))
+    with caplog.at_level(logging.INFO, logger="shakegpt.training.module"):
+        train(compose_cfg(tmp_path / "same", "trainer.max_steps=4", f"ckpt_path={first}"))
+        train(
+            compose_cfg(
+                tmp_path / "other",
+                "trainer.max_steps=4",
+                "data.batch_size=3",
+                "data.seq_len=24",
+                "model.max_seq_len=32",  # the model's positions as the checkpoint's (they follow data.seq_len)
+                "seed=7",
+                f"ckpt_path={first}",
+            )
+        )
+    assert "resuming at step 3; settings from this run's config: the same as the checkpoint's" in caplog.text
+    assert (
+        "resuming at step 3; settings from this run's config: data.batch_size 4 -> 3; data.seq_len 32 -> 24; seed "
+    ) in caplog.text
+    assert "-> 7" in caplog.text.split("data.seq_len 32 -> 24; seed ")[1].splitlines()[0]
+
+
 def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_command_line(tmp_path, caplog):
     """lr, weight decay and schedule come from this run's config; the logged lr, the optimizer, the
     scheduler and the HParams record all agree with it."""
