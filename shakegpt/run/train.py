@@ -38,7 +38,13 @@ from shakegpt.run.rundir import (
 )
 from shakegpt.run.signals import Terminated, lightning_takes_sigterm, stopped_before_training
 from shakegpt.run.sweep_ddp import sweep_job
-from shakegpt.training.callbacks import AtomicCheckpointIO, HParamsWithMetric, ScalarsLayout, StepProgressBar
+from shakegpt.training.callbacks import (
+    AtomicCheckpointIO,
+    HParamsWithMetric,
+    ScalarsLayout,
+    StepLines,
+    StepProgressBar,
+)
 from shakegpt.training.checkpoint import check_resumable
 from shakegpt.training.module import LitGPT
 from shakegpt.training.record import RunRecord
@@ -115,11 +121,16 @@ def train(
     for bar in callbacks:  # each refresh reads the loss: on a GPU, a wait for the step to finish
         if isinstance(bar, StepProgressBar):
             bar.min_refresh = fast.finite_check_every
+    extra = {}
+    if not sys.stdout.isatty():  # a file, a pipe, a scheduler's log: no bars' carriage returns in it
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        extra["enable_progress_bar"] = False
+    if not any(isinstance(c, ProgressBar) for c in callbacks):  # progress as a log line every N steps
+        callbacks.append(StepLines(cfg.trainer.get("log_every_n_steps", 50)))
     callbacks += [HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name), ScalarsLayout()]
     # the config's loggers, and the run's own record, which the summary, sweep tables and `results` read
     loggers = [build(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     loggers.append(RunRecord(cfg.paths.output_dir))
-    extra = {}
     interval, steps = cfg.trainer.get("val_check_interval"), cfg.trainer.get("max_steps", -1)
     if isinstance(interval, int) and 0 < steps < interval:  # a shortened run still validates (at its end)
         log.info("trainer.val_check_interval=%d > trainer.max_steps=%d: validating at step %d", interval, steps, steps)

@@ -87,6 +87,31 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
+class StepLines(L.Callback):
+    """Where the output is not a terminal (a file, a pipe, a scheduler's log), progress as plain log
+    lines instead of a bar's carriage returns: one every `every` steps (validations add the original
+    runs' log line). The loss is read when Lightning's logging reads it anyway."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = max(1, int(every))
+        self._start: tuple[float, int] | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.monotonic(), trainer.global_step)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *_: Any) -> None:
+        step = trainer.global_step
+        if step % self.every and step != trainer.max_steps:
+            return
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        t0, step0 = self._start or (time.monotonic(), step)
+        per_step = (time.monotonic() - t0) / max(1, step - step0)
+        total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        log.info("step %d%s: train loss %.4f, %.2f s/step", step, total, float(loss), per_step)
+
+
 class OriginalLogLine(L.Callback):
     """After every validation, print the original shakeGPT runs' line:
     `T+ 0:40:01 - step 7657/9652: train loss 1.5231, val loss 1.6900; train acc  0.4141, val acc 0.3893; t_remain 0:10:41`

@@ -70,6 +70,7 @@ def _start(out: Path, terminal: bool, *args: str):
     if not terminal:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), None
     primary, secondary = pty.openpty()
+    cmd.append("trainer.enable_progress_bar=true")  # as a user's terminal has it
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=secondary, stdout=secondary, stderr=secondary)
     os.close(secondary)
     return proc, primary
@@ -110,6 +111,7 @@ def test_a_signal_mid_run_ends_in_one_line_and_its_command_resumes_in_place(tmp_
     finally:
         proc.kill()
     assert proc.returncode == 128 + sig, err[-2000:]
+    assert ("\r" in err) == terminal  # a progress bar on a terminal only (a pipe gets plain step lines)
     last = err.strip().splitlines()[-1]
     first = {
         signal.SIGINT: "stopped: Ctrl-C (SIGINT) at step",

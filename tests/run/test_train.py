@@ -149,6 +149,8 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
     log_lines = [line for line in lines if line.startswith("T+ ")]
     assert len(log_lines) == 2 and all(line.startswith("T+ 0:00:0") for line in log_lines)  # no prefix
     assert "--- sample after 4 steps ---" in r.stdout
+    # output that is not a terminal: no progress bars' carriage returns, a plain line for the steps instead
+    assert "\r" not in r.stdout + r.stderr and "step 4/4: train loss " in r.stdout
     assert lines[-5:] == [
         f"run      {out} (4 steps)",
         (lambda best: f"best     {best} (val loss {best.split('-val')[1].removesuffix('.ckpt')})")(
