@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from shakegpt.run.configs import CONF_DIR
-from shakegpt.run.rundir import claimed_run_dir
+from shakegpt.run.rundir import claimed_run_dir, release_run_dir_locks
 from shakegpt.run.signals import sigterm_raises, stopped_before_training
 
 
@@ -27,6 +27,8 @@ def main() -> float | None:
             return run()
         except KeyboardInterrupt as e:
             stopped_before_training(e, claimed_run_dir())
+        finally:
+            release_run_dir_locks()
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     from shakegpt.training.data import check_data
 
     check_seed(cfg.get("seed"))
+    if not isinstance(cfg.get("new_run_dir", False), bool):
+        raise ConfigError(f"new_run_dir={cfg.get('new_run_dir')!r} is not one of true, false")
     check_compile(cfg.get("compile", "auto"))
     check_optim(_container(cfg.optim))
     check_trainer(_container(cfg.trainer))

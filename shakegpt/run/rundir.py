@@ -15,7 +15,10 @@ A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from shakegpt.errors import JOB_ERROR_FILE, ShakeGPTError
+from shakegpt.errors import JOB_ERROR_FILE, ConfigError, ShakeGPTError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks there; runs go unlocked
+    fcntl = None
 from shakegpt.run.console import quoted
 
 MAX_CLAIM_TRIES = 1000
@@ -48,6 +56,71 @@ def given_on_command_line(config: DictConfig, key: str) -> bool:
     return any(o.split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
 
+def run_dir_of(ckpt_path: Any) -> Path | None:
+    """The run directory a resume's `ckpt_path` names (the directory itself, or the one whose
+    checkpoints/ holds the file), or None when it is not in one."""
+    if not ckpt_path:
+        return None
+    p = Path(str(ckpt_path)).expanduser()
+    if p.is_file():
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+    elif p.is_dir():
+        run = p.parent if p.name == "checkpoints" else p
+    else:
+        run = None
+    return run if run is not None and (run / ".hydra").is_dir() else None
+
+
+def keep_previous_record(run_dir: Path) -> None:
+    """Before a resumed run writes its own `.hydra/` (config and overrides), keep the one already
+    there as `.hydra.1`, `.hydra.2`, …: the settings each part of the run was trained with stay."""
+    record = run_dir / ".hydra"
+    if record.is_dir():
+        n = 1
+        while (run_dir / f".hydra.{n}").exists():
+            n += 1
+        record.rename(run_dir / f".hydra.{n}")
+
+
+LOCK_FILE = ".lock"
+_held: dict[Path, Any] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold `<run dir>/.lock` while this process runs there; a second process (a second resume into
+    the same directory) is refused in one line naming the first. The lock is the operating system's
+    (`flock`): it goes with the process, so a killed run's lock never blocks its resume. A DDP rank
+    started by rank 0 runs in rank 0's directory under rank 0's lock."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or fcntl is None:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the process's life)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(
+            f"the run directory {run_dir} is in use by {holder}; wait for it to end or stop it "
+            "(a second run writing there would interleave its logs and checkpoints)"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)}\n")
+    f.flush()
+    _held[run_dir.resolve()] = f
+
+
+def release_run_dir_locks() -> None:
+    """At the command's end (a test or a notebook may run it again in the same process)."""
+    while _held:
+        _, f = _held.popitem()
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
 def claimed_run_dir(forget: bool = False) -> Path | None:
     """The directory of the single run this process started, or None (none yet, or a sweep);
     `forget=True` at a command's start, so that a second run in the same process never sees the first's."""
@@ -69,12 +142,18 @@ class PrepareRun(Callback):
         HydraConfig.instance().set_config(config)  # so that ${hydra:...} resolves in the checks
         explicit = given_on_command_line(config, "hydra.run.dir")
         target = Path(str(config.hydra.run.dir))
+        resumed = None if explicit or config.get("new_run_dir") else run_dir_of(config.get("ckpt_path"))
+        if resumed is not None:  # continue the run where it is
+            target, explicit = resumed, True
         try:
             self._set_output_dir(config, target)
             check_train_config(config, target)
             if not explicit:
                 target = claim(target)
                 self._set_output_dir(config, target)
+            lock_run_dir(target)
+            if resumed is not None:
+                keep_previous_record(target)
             checked_up_front(target)  # train() need not check the same config again
             PrepareRun.claimed = target
         except ShakeGPTError as e:  # the user's to fix: one line, and nothing made
@@ -189,7 +268,7 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 # what a run writes into its directory before its first step; a stopped run's directory is emptied of these only
-RUN_ENTRIES = (".hydra", "train.log", "tensorboard", "csv", "record.jsonl", "checkpoints")
+RUN_ENTRIES = (".hydra", "train.log", "tensorboard", "csv", "record.jsonl", "checkpoints", LOCK_FILE)
 
 
 def remove_unstarted(run_dir: Path) -> None:
