@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig
 from shakegpt.errors import ConfigError, DataError, exit_on_user_error, positive_int
 from shakegpt.run.checks import PRECISIONS as TRAINING_PRECISIONS
 from shakegpt.run.checks import check_writable, require
-from shakegpt.run.configs import CONF_DIR
+from shakegpt.run.configs import CONF_DIR, hydra_errors_in_one_line
 
 # training's precisions less fp16 without mixed precision and the short aliases
 PRECISIONS = tuple(p for p in TRAINING_PRECISIONS if p not in ("16-true", "64", "bf16", "16"))
@@ -104,8 +104,13 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     evaluate(cfg)
+
+
+def main() -> None:
+    with hydra_errors_in_one_line():
+        run()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from shakegpt.errors import ConfigError, exit_on_user_error
 from shakegpt.run.checks import check_sample_section, is_int, require
-from shakegpt.run.configs import CONF_DIR
+from shakegpt.run.configs import CONF_DIR, hydra_errors_in_one_line
 
 if TYPE_CHECKING:
     import torch
@@ -113,13 +113,18 @@ def sample(cfg: DictConfig, out=None) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 @exit_on_user_error
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
     try:
         sample(cfg)
     except KeyboardInterrupt:  # Ctrl-C: what was written stays, no traceback
         print(file=sys.stdout, flush=True)
         print("stopped: Ctrl-C (SIGINT)", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+
+def main() -> None:
+    with hydra_errors_in_one_line():
+        run()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from shakegpt.run.configs import CONF_DIR
+from shakegpt.run.configs import CONF_DIR, hydra_errors_in_one_line
 from shakegpt.run.rundir import claimed_run_dir, release_run_dir_locks
 from shakegpt.run.signals import sigterm_raises, stopped_before_training
 
@@ -22,7 +22,7 @@ def main() -> float | None:
     # Ctrl-C or SIGTERM before training starts (Hydra making the run, imports, the corpus) ends in one
     # line with no run directory left; Lightning handles both once fit runs
     claimed_run_dir(forget=True)
-    with sigterm_raises():
+    with sigterm_raises(), hydra_errors_in_one_line():
         try:
             return run()
         except KeyboardInterrupt as e:

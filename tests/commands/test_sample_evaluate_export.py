@@ -210,3 +210,26 @@ def test_evaluate_accepts_exactly_the_precisions_the_val_pass_runs():
     from shakegpt.training.val_pass import AUTOCAST, CAST
 
     assert set(PRECISIONS) == {"auto", *AUTOCAST, *CAST}
+
+
+@pytest.mark.parametrize("prompt", ["ROMEO:", "Alas, poor Yorick!", "ROMEO 🙂:", "a = (b) [c] {d}"])
+def test_a_prompt_quoted_for_hydra_is_taken_as_typed(trained_run, prompt):
+    """`'prompt="…"'`: what users type (commas, !, :, brackets, emoji) reaches the model as typed;
+    characters the model does not know are named, or read as <unk> with allow_unk=true."""
+    out, _, _ = trained_run
+    r = sample_here(f"ckpt_path={out}", f'prompt="{prompt}"', "num_chars=5", "allow_unk=true")
+    assert r.returncode == 0 and r.stdout.startswith(prompt), r.stderr[-800:]
+    if "🙂" in prompt:
+        r = sample_here(f"ckpt_path={out}", f'prompt="{prompt}"', "num_chars=5")
+        assert r.returncode == 1 and "outside the model's vocabulary: ['R', '🙂']" in r.stderr.strip().splitlines()[-1]
+
+
+def test_sample_and_evaluate_name_an_unknown_key_in_one_line(tmp_path):
+    for command, typo, meant in (
+        (sample_command, "temprature", "temperature"),
+        (evaluate_command, "precison", "precision"),
+    ):
+        r = run_here(command.main, "ckpt_path=x", f"{typo}=1")
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+            f"error: {typo} is not a key; did you mean {meant}? (+{typo}=… adds a new one; --cfg job lists them all)"
+        ]

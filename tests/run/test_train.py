@@ -192,18 +192,39 @@ def test_the_original_log_line_and_its_width():
             [],
         ),
         (["+model.heads=8"], "error: unknown model config key(s) ['heads']; known keys: [", []),
-        # Hydra's own composition errors: they name the value and list what is accepted
-        (["model=v4"], None, ["Could not find 'model/v4'", "Available options in 'model'", "quickstart"]),
-        (["model.heads=8"], None, ["Could not override 'model.heads'", "Key 'heads' is not in struct"]),
+        # what Hydra cannot compose: one line, the nearest choices
+        (
+            ["model=v4"],
+            "error: model=v4: no such option; did you mean v3 or v2? the options of model: nanogpt, quickstart, v1, v2, v3",
+            [],
+        ),
+        (
+            ["model/pos_encoding=rotary"],
+            "error: model/pos_encoding=rotary: no such option; did you mean rope?",
+            [],
+        ),
+        (
+            ["model.heads=8"],
+            "error: model.heads is not a key; did you mean model.n_head? (+model.heads=… adds a new one",
+            [],
+        ),
+        (
+            ["sample.prompt=Alas!"],
+            "error: cannot read 'sample.prompt=Alas!': a value with",
+            [
+                "needs quotes Hydra can see",
+                """e.g. 'prompt="Alas, poor Yorick!"' (single quotes for the shell, double for Hydra)""",
+            ],
+        ),
     ],
 )
 def test_command_line_mistakes_are_named_and_leave_no_run_directory(tmp_path, args, last_line, also):
     """In this process (`run_here`): the command line itself runs in a subprocess above."""
     out = tmp_path / "bad"
     r = run_here(train_command.main, f"data.path={TINY}", *args, f"hydra.run.dir={out}", cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-1500:]  # one line
     if last_line:
-        assert r.stderr.strip().splitlines()[-1].startswith(last_line), r.stderr[-1500:]
+        assert r.stderr.strip().startswith(last_line), r.stderr[-1500:]
     for text in also:
         assert text in r.stderr, r.stderr[-1500:]
     assert "Traceback" not in r.stderr
