@@ -210,6 +210,7 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     if cfg.get("ckpt_path") and check_ckpt:  # (train() checks it itself, with the corpus's vocabulary)
         optimizer = cfg.optim.get("name", "adamw")
         check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps, optimizer=optimizer, vocab_size_unknown=derived)
+    check_trainer_with_lightning(cfg.trainer)  # last: it imports Lightning, seconds that a bad value above is spared
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
         check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(mcfg.to_dict()))
@@ -231,6 +232,42 @@ def take_checked_up_front(output_dir: str | Path) -> bool:
         _checked_up_front.discard(key)
         return True
     return False
+
+
+def check_trainer_with_lightning(trainer_node: Any) -> None:
+    """Every Trainer argument the config passes, checked by Lightning's own rules: a Trainer is built
+    from them (without loggers, callbacks or checkpoints; nothing runs and nothing is written). A
+    refused value ends the run before its directory exists instead of at the Trainer's construction."""
+    import logging
+    import warnings
+
+    from hydra.utils import instantiate
+
+    node = _container(trainer_node)
+    if node.get("precision") in (None, "auto"):  # shakegpt's own choice, resolved later per device
+        node["precision"] = "32-true"
+    node |= {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its start-up notes (GPU available, ...) belong to the run
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            instantiate(node)
+    except Exception as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        text = " ".join(str(cause).split())
+        given = ", ".join(
+            f"trainer.{k}={trainer_node.get(k)}" for k in ("accelerator", "strategy", "devices", "num_nodes")
+        )
+        raise ConfigError(f"Lightning refuses the trainer config ({given}): {text[:300]}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_run_directory(run_dir: Path, resuming: bool) -> None:

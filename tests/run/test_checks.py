@@ -54,6 +54,12 @@ BAD = [
         ["optimized_metric=val/los"],
         "optimized_metric='val/los' is not a metric a run logs; choose one of val/loss_best",
     ),
+    (
+        ["trainer.num_nodes=0"],
+        "Lightning refuses the trainer config (trainer.accelerator=cpu, trainer.strategy=auto, trainer.devices=1, "
+        "trainer.num_nodes=0): `num_nodes` must be a positive integer, but got 0.",
+    ),
+    (["trainer.strategy=foo"], "Lightning refuses the trainer config (trainer.accelerator=cpu, trainer.strategy=foo,"),
     (["model.n_head=5"], "model.d_model=128 is not divisible by model.n_head=5"),
     (["model.max_seq_len=16"], "data.seq_len=32 exceeds model.max_seq_len=16"),
 ]
