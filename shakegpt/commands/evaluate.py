@@ -86,6 +86,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         if data.get(key) is not None:
             positive_int(f"data.{key}", data[key])
     if cfg.out:
+        if Path(cfg.out).expanduser().is_dir():
+            raise ConfigError(f"out={cfg.out} is a directory; give a file name, e.g. out={Path(cfg.out) / 'eval.json'}")
         check_writable(Path(cfg.out).expanduser().parent, f"out={cfg.out}")
     allow_unk = bool(cfg.get("allow_unk", False))
     rows = [evaluate_checkpoint(p, data, cfg.precision, allow_unk) for p in paths]
@@ -95,6 +97,7 @@ def evaluate(cfg: DictConfig) -> list[dict]:
             print(f"warning: {r['unk_share']:.1%} of the validation characters are <unk> for {r['ckpt']}")
     if cfg.out:
         try:
+            Path(cfg.out).expanduser().parent.mkdir(parents=True, exist_ok=True)  # out=results/eval.json
             Path(cfg.out).expanduser().write_text(json.dumps(rows, indent=2))
         except OSError as e:
             raise ConfigError(f"out={cfg.out} could not be written: {e.strerror or e}") from None

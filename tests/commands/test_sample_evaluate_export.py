@@ -196,6 +196,27 @@ def test_eval_out_that_cannot_be_written_is_refused_before_evaluating(trained_ru
     with pytest.raises(ConfigError, match=f"out={tmp_path}/file/eval.json cannot be made: {tmp_path}/file is a file"):
         evaluate(cfg)
     assert evaluated == []
+    cfg.out = str(tmp_path)  # a directory: refused at once, not after the work
+    with pytest.raises(
+        ConfigError, match=f"out={tmp_path} is a directory; give a file name, e.g. out={tmp_path}/eval.json"
+    ):
+        evaluate(cfg)
+    assert evaluated == []
+
+
+def test_eval_out_in_a_folder_not_made_yet_is_written(trained_run, tmp_path):
+    out, _, _ = trained_run
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": str(out),
+            "data": {"path": str(TINY), "batch_size": 4, "seq_len": None},
+            "precision": "32-true",
+            "out": str(tmp_path / "results" / "eval.json"),
+            "seed": 0,
+        }
+    )
+    rows = evaluate(cfg)
+    assert json.loads((tmp_path / "results" / "eval.json").read_text()) == rows
 
 
 def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):

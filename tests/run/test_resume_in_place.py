@@ -51,6 +51,7 @@ def _hold_lock(run):
     return proc
 
 
+@pytest.mark.slow
 def test_a_run_directory_in_use_is_refused_and_a_killed_holder_does_not_block(tmp_path):
     run = tmp_path / "run"
     r = run_here(train_command.main, *SHRINK, f"hydra.run.dir={run}")
