@@ -240,6 +240,33 @@ def ablation_table(sweep_dir: str | Path, bench: str | Path | None = None) -> st
     return "\n".join(rows)
 
 
+def _pyplot(out: str | Path | None):
+    """matplotlib's pyplot, drawing to files when `out` is given; `out` checked before any work: a
+    file name (not a folder) whose extension matplotlib writes."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError(
+            "plots need matplotlib, which is not installed: pip install matplotlib (or shakegpt[notebooks])"
+        ) from None
+    if out is not None:
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        target = Path(out).expanduser()
+        if target.is_dir():
+            raise ConfigError(f"--out {out} is a folder; give an image file, e.g. --out {Path(out) / 'results.png'}")
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if target.suffix.lstrip(".").lower() not in formats:
+            raise ConfigError(
+                f"--out {out}: {target.suffix or 'no extension'} is not an image format matplotlib writes; "
+                f"end the name in one of {', '.join('.' + f for f in sorted(formats))}"
+            )
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _finish(fig, legend_from, out: str | Path | None):
     """One legend beside the panels (from the axes `legend_from`), and the figure saved to `out`
     (then closed) when given. Returns the figure."""
@@ -262,12 +289,7 @@ def plot_ablation(sweep_dir: str | Path, out: str | Path | None = None):
     """Mean val loss over the seeds against step, one line per change (base in black), in two panels:
     every validation, and a zoom on the second half. A job that failed or stopped early is left out,
     as in the table. Returns the figure."""
-    import matplotlib
-
-    if out is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot(out)
     runs = ablation_runs(sweep_dir)
     end = max(r["steps"] for rs in runs.values() for r in rs)
     fig, (full, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -343,12 +365,8 @@ def plot(
     """Val loss against training time (or, with x="step", against step), one line per run, in two
     panels: every validation, and a zoom on the best val losses. `references` draws the original
     runs and nanoGPT as lines, each in the legend. `runs`: as `runs_to_plot` takes them. Returns the figure."""
-    import matplotlib
+    plt = _pyplot(out)
     import matplotlib.ticker
-
-    if out is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     if x not in ("time", "step"):
         raise ConfigError(f"x={x!r}: plot against time or step")

@@ -4,6 +4,7 @@ logged, bundles, and one line for each mistake."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,30 @@ def test_a_plot_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"--out {tmp_path}/file/plot.png could not be written"):
         plot(ROOT / "outputs" / "reference", tmp_path / "file" / "plot.png")
+    with pytest.raises(
+        ConfigError, match=f"--out {tmp_path} is a folder; give an image file, e.g. --out {tmp_path}/results.png"
+    ):
+        plot(ROOT / "outputs" / "reference", tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"--out x.xyz: .xyz is not an image format matplotlib writes; end the name in one of .*\.png"
+    ):
+        plot(ROOT / "outputs" / "reference", "x.xyz")
+    assert not (tmp_path / "results.png").exists() and not Path("x.xyz").exists()
+
+
+def test_a_plot_without_matplotlib_is_one_line(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ConfigError, match=r"^plots need matplotlib, which is not installed: pip install matplotlib"):
+        plot(ROOT / "outputs" / "reference", "x.png")
 
 
 def test_evaluate_accepts_exactly_the_precisions_the_val_pass_runs():
