@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig
 
 from shakegpt.errors import ConfigError, DataError, exit_on_user_error, positive_int
 from shakegpt.run.checks import PRECISIONS as TRAINING_PRECISIONS
-from shakegpt.run.checks import check_writable, require
+from shakegpt.run.checks import check_path_exists, check_writable, require
 from shakegpt.run.configs import CONF_DIR, hydra_errors_in_one_line
 
 # training's precisions less fp16 without mixed precision and the short aliases
@@ -85,6 +85,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
     for key in ("batch_size", "seq_len"):
         if data.get(key) is not None:
             positive_int(f"data.{key}", data[key])
+    for path in paths:
+        check_path_exists(path)
     if cfg.out:
         if Path(cfg.out).expanduser().is_dir():
             raise ConfigError(f"out={cfg.out} is a directory; give a file name, e.g. out={Path(cfg.out) / 'eval.json'}")

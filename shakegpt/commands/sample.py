@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from shakegpt.errors import ConfigError, exit_on_user_error
-from shakegpt.run.checks import check_sample_section, is_int, require
+from shakegpt.run.checks import check_path_exists, check_sample_section, is_int, require
 from shakegpt.run.configs import CONF_DIR, hydra_errors_in_one_line
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ def check_values(cfg: DictConfig) -> None:
     check_sample_section(cfg, "")  # temperature, top_k, top_p, num_chars, prompt, seed: as for training's samples
     if not is_int(cfg.num_samples) or cfg.num_samples < 1:
         raise ConfigError(f"num_samples={cfg.num_samples!r} is invalid; it must be an integer >= 1")
+    check_path_exists(cfg.ckpt_path)
 
 
 def sample(cfg: DictConfig, out=None) -> list[str]:

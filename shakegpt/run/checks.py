@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-from shakegpt.errors import ConfigError, DataError, is_int, is_number, non_negative_int, positive_int
+from shakegpt.errors import CheckpointError, ConfigError, DataError, is_int, is_number, non_negative_int, positive_int
 from shakegpt.sampling import check_sampling
 
 # torch.manual_seed and Lightning's seed_everything accept this range
@@ -169,9 +169,17 @@ def _container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
 
 
+def check_path_exists(value: Any, key: str = "ckpt_path") -> None:
+    """A checkpoint, run directory or bundle that is not there, refused before torch is imported."""
+    if value and not Path(str(value)).expanduser().exists():
+        raise CheckpointError(f"{key}={value} does not exist; give a .ckpt file or a run directory")
+
+
 def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True) -> None:
     """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
     the returned metric, and the run directory (writable, free space, not another run's)."""
+    if check_ckpt:
+        check_path_exists(cfg.get("ckpt_path"))  # before the imports below: a typo is told at once
     from shakegpt.corpus import TINYSHAKESPEARE_SHA256, TINYSHAKESPEARE_URL, check_source
     from shakegpt.hardware import check_compile
     from shakegpt.model import GPTConfig

@@ -2,6 +2,7 @@
 logged, bundles, and one line for each mistake."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,34 @@ def test_sampling_and_evaluating_import_neither_torch_nor_lightning_to_check_val
         [sys.executable, "-m", command, "ckpt_path=x", *bad], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(f"error: {bad[0]}"), r.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["-m", "shakegpt.commands.sample"],
+        ["-m", "shakegpt.commands.evaluate"],
+        pytest.param(["train.py"], marks=pytest.mark.slow),
+    ],
+)
+def test_a_missing_checkpoint_is_refused_without_torch(tmp_path, command):
+    """A mistyped ckpt_path is told before torch is imported (seconds sooner): here torch cannot even
+    be imported, and each command still names the path."""
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    r = subprocess.run(
+        [sys.executable, *command, "ckpt_path=/no/such.ckpt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: ckpt_path=/no/such.ckpt does not exist; give a .ckpt file or a run directory"
+    ), r.stderr[-1500:]
 
 
 def sample_cli(*args, cwd=ROOT):
