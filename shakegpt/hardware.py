@@ -52,9 +52,18 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+# on a CPU, Lightning runs fp16 mixed precision as bf16 (CPU autocast has no fp16 matmuls): named as it runs
+CPU_FP16_AS = {"16-mixed": "bf16-mixed", "16": "bf16-mixed"}
+
+
 def resolve_precision(precision: str, accelerator: str, d_model: int) -> str:
-    """`precision` as given, or for "auto" the one `auto_precision` picks."""
-    return auto_precision(accelerator, d_model) if precision == "auto" else precision
+    """`precision` as it will run: for "auto" the one `auto_precision` picks; fp16 mixed precision
+    on a CPU as the bf16 Lightning runs there (so the header, the log and HParams say bf16)."""
+    if precision == "auto":
+        return auto_precision(accelerator, d_model)
+    if on_cpu(accelerator) and precision in CPU_FP16_AS:
+        return CPU_FP16_AS[precision]
+    return precision
 
 
 def on_cuda(accelerator: str) -> bool:

@@ -14,6 +14,11 @@ from shakegpt.run.train import train
 from .conftest import TINY
 
 
+def test_fp16_on_a_cpu_is_named_as_the_bf16_it_runs():
+    assert hardware.resolve_precision("16-mixed", "cpu", 128) == "bf16-mixed"
+    assert hardware.resolve_precision("32-true", "cpu", 128) == "32-true"
+
+
 @pytest.mark.parametrize(
     ("flags", "accelerator", "d_model", "expected"),
     [

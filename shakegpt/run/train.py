@@ -96,7 +96,8 @@ def train(
     )
     precision = fast.precision
     if precision != cfg.trainer.precision:
-        log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=FILE_ONLY)
+        fp16 = cfg.trainer.precision in ("16-mixed", "16")  # what Lightning would run silently: said
+        log.info("trainer.precision=%s -> %s", cfg.trainer.precision, precision, extra=None if fp16 else FILE_ONLY)
     slow = emulated_bf16_warning(precision, cfg.trainer.accelerator)
     if slow and rank_zero_only.rank == 0:  # once, not once per DDP process
         log.warning("warning: %s", slow)
