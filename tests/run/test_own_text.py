@@ -128,3 +128,12 @@ def test_a_corpus_of_ones_own_is_one_yaml(own_corpus, tmp_path):
     datamodule.prepare_data()
     datamodule.setup("fit")
     assert datamodule.tokenizer.chars == "".join(sorted(set(own_corpus.read_text(encoding="utf-8"))))
+
+
+def test_a_byte_order_mark_is_not_a_character_of_the_corpus(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark: it is left out, not made a character."""
+    from shakegpt.corpus import read_corpus
+
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffROMEO: Good morrow.\n".encode())
+    assert read_corpus(path) == "ROMEO: Good morrow.\n"
