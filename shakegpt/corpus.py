@@ -145,7 +145,8 @@ def read_corpus(path: Path) -> str:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"corpus {path} is not UTF-8 text (byte {e.start}); point data.path at a text file") from None
-    if text.startswith("\ufeff"):  # a byte-order mark (Windows editors write one): a marker, not a character of the text
+    # a byte-order mark (Windows editors write one) is a marker, not a character of the text
+    if text.startswith("\ufeff"):
         log.info("corpus %s starts with a UTF-8 byte-order mark: left out of the text", path)
         text = text[1:]
     if not text:

@@ -197,6 +197,10 @@ class PrepareRun(Callback):
         from shakegpt.run.records import sweep_table
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+            shutil.rmtree(sweep_dir, ignore_errors=True)  # no job ran (an empty range): nothing to keep
+            print(f"the sweep ran no job (its overrides give none): {sweep_dir} removed", flush=True)
+            return
         try:
             text = sweep_table(sweep_dir)
         except (ShakeGPTError, OSError):

@@ -166,3 +166,11 @@ def test_a_sweep_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch
         cfg.hydra.overrides.hydra = [o for o in cfg.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir")]
     with pytest.raises(SystemExit, match="^error: hydra.sweep.dir=outputs/multiruns/x cannot be made: "):
         PrepareRun().on_multirun_start(cfg)
+
+
+def test_a_sweep_with_no_job_leaves_no_directory(tmp_path):
+    from shakegpt.commands import train as train_command
+
+    r = run_here(train_command.main, "-m", "seed=range(0,0)", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 0 and "the sweep ran no job" in r.stdout, r.stderr[-1500:]
+    assert not (tmp_path / "sweep").exists()
