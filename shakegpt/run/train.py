@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Checkpoint, ProgressBar
+from lightning.pytorch.callbacks import Checkpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -171,6 +171,7 @@ def train(
         if signum is None:
             raise
         line = describe_interruption(signum, Path(cfg.paths.output_dir), trainer.global_step)
+        close_bars(trainer)  # drawn to their end now, so that the line below is the last on the terminal
         raise RunInterrupted(line, signum) from None
     except Exception as e:
         raise TrainingFailed(describe_failure(e, Path(cfg.paths.output_dir), trainer.global_step)) from e
@@ -194,6 +195,19 @@ def train(
         score = float(ckpt.best_model_score) if best else None
         log.info("%s", summary(Path(cfg.paths.output_dir), best, score, trainer.global_step))
     return metrics
+
+
+def close_bars(trainer: L.Trainer) -> None:
+    """Close the progress bars of a run that stops: tqdm would otherwise redraw them at exit, after
+    the line saying why the run stopped."""
+    for bar_callback in trainer.callbacks:
+        if isinstance(bar_callback, TQDMProgressBar):
+            for name in ("val_progress_bar", "train_progress_bar"):
+                try:
+                    bar = getattr(bar_callback, name)
+                except (AttributeError, TypeError):  # not made yet
+                    continue
+                bar.close()
 
 
 def stopped(e: RunInterrupted, run_dir: Path) -> None:

@@ -282,7 +282,7 @@ class RunCheckpoint(ModelCheckpoint):
             and self._last_step_written != trainer.global_step
         ):
             path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-            trainer.save_checkpoint(path)  # every rank calls it; rank 0 writes
+            trainer.save_checkpoint(path, weights_only=False)  # the full state; every rank calls it, rank 0 writes
             self.last_model_path, self._last_step_written = str(path), trainer.global_step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

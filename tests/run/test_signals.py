@@ -4,13 +4,16 @@ a scheduler or a `&&` chain never takes a stopped run for a finished one; and no
 a run stopped before its first step. The slow tests send real signals to real processes, under a
 pipe and under a pseudo-terminal."""
 
+import fcntl
 import os
 import pty
 import select
 import shlex
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -70,6 +73,7 @@ def _start(out: Path, terminal: bool, *args: str):
     if not terminal:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), None
     primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size: the bar's width
     cmd.append("trainer.enable_progress_bar=true")  # as a user's terminal has it
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=secondary, stdout=secondary, stderr=secondary)
     os.close(secondary)
