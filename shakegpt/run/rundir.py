@@ -121,6 +121,21 @@ def release_run_dir_locks() -> None:
         f.close()
 
 
+def write_sweep_summary(sweep_dir: Path, heading: str = "best first") -> str | None:
+    """The sweep's table (its jobs so far, best first) on the terminal and in <sweep dir>/summary.md;
+    None when no job has a directory yet."""
+    from shakegpt.run.records import sweep_table
+
+    try:
+        text = sweep_table(sweep_dir)
+    except (ShakeGPTError, OSError):
+        return None
+    with contextlib.suppress(OSError):  # a read-only sweep directory: the table is still printed
+        (sweep_dir / "summary.md").write_text(text + "\n")
+    print(f"\nsweep {sweep_dir}, {heading}:\n{text}", flush=True)
+    return text
+
+
 def claimed_run_dir(forget: bool = False) -> Path | None:
     """The directory of the single run this process started, or None (none yet, or a sweep);
     `forget=True` at a command's start, so that a second run in the same process never sees the first's."""
@@ -194,20 +209,13 @@ class PrepareRun(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """The sweep's jobs, best first, on the terminal and in <sweep dir>/summary.md."""
-        from shakegpt.run.records import sweep_table
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
             shutil.rmtree(sweep_dir, ignore_errors=True)  # no job ran (an empty range): nothing to keep
             print(f"the sweep ran no job (its overrides give none): {sweep_dir} removed", flush=True)
             return
-        try:
-            text = sweep_table(sweep_dir)
-        except (ShakeGPTError, OSError):
+        if write_sweep_summary(sweep_dir) is None:
             return  # no job got as far as a directory of its own: nothing to sum up
-        with contextlib.suppress(OSError):  # a read-only sweep directory: the table is still printed
-            (sweep_dir / "summary.md").write_text(text + "\n")
-        print(f"\nsweep {sweep_dir}, best first:\n{text}", flush=True)
         failed = sorted(p.parent.name.split("_", 1)[0] for p in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
         if failed and not sweeper_records_failures(config.hydra.sweeper):
             raise SystemExit(

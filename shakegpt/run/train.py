@@ -35,6 +35,7 @@ from shakegpt.run.rundir import (
     remove_if_empty,
     run_identity,
     sweeper_records_failures,
+    write_sweep_summary,
 )
 from shakegpt.run.signals import Terminated, lightning_takes_sigterm, stopped_before_training
 from shakegpt.run.sweep_ddp import sweep_job
@@ -216,6 +217,9 @@ def stopped(e: RunInterrupted, run_dir: Path) -> None:
     log.info("stopped: %s", e, extra=FILE_ONLY)
     if "before the first training step" in str(e):
         stopped_before_training(Terminated() if e.exit_code == 128 + signal.SIGTERM else KeyboardInterrupt(), run_dir)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:  # the sweep ends here: its table of the jobs so far, as at its end
+        write_sweep_summary(Path(hc.sweep.dir), "stopped; its jobs so far, best first")
     print(f"stopped: {e}; resume with: {resume_command(run_dir)}", file=sys.stderr, flush=True)
     raise SystemExit(e.exit_code)
 

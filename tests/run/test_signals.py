@@ -178,3 +178,22 @@ def test_ctrl_c_while_sampling_keeps_the_text_and_shows_no_traceback(trained_run
         proc.kill()
     assert proc.returncode == 130 and b"Traceback" not in err
     assert err.decode().strip().splitlines()[-1] == "stopped: Ctrl-C (SIGINT)"
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_a_signal_still_ends_in_its_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    shrunk = train_command(tmp_path / "unused", "trainer.max_steps=100000", "trainer.val_check_interval=5")
+    cmd = [*shrunk[:2], "-m", *shrunk[2:], "seed=1,2,3", f"hydra.sweep.dir={sweep}"]  # -m before the overrides
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_log(sweep / "0_seed=1", "- step 5/")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("stopped: SIGTERM"), err[-2000:]
+    summary = (sweep / "summary.md").read_text()
+    assert "seed" in summary and "stopped; its jobs so far, best first" in out
+    assert not (sweep / "1_seed=2").exists()  # the sweep ended with the stopped job
