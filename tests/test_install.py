@@ -75,6 +75,11 @@ def test_the_wheel_works_from_an_empty_directory(installed, tmp_path):
     shrink = [f"data.path={TINY}", "data.seq_len=32", "data.batch_size=4", "trainer.enable_progress_bar=false"]
     steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "sample.num_chars=10"]
 
+    # the help of an installed package: commands that work here, every other command, no docs/ path
+    r = run([py, "-m", "shakegpt", "--help"], tmp_path, env)
+    assert "python -m shakegpt model=v3" in r.stdout and "docs/" not in r.stdout
+    assert "python -m shakegpt sample | evaluate | export | results | bench | gpu-check" in r.stdout
+
     r = run([py, "-m", "shakegpt", *shrink, *steps, "hydra.run.dir=run"], tmp_path, env)
     assert "--- sample after 2 steps ---" in r.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
