@@ -27,11 +27,15 @@ def evaluate_checkpoint(path: str | Path, data: dict, precision: str = "auto", a
     """The val metrics of one checkpoint (a file, or a run directory's best) over `data`'s validation split."""
     from shakegpt.corpus import read_corpus, resolve_corpus, split_ids
     from shakegpt.hardware import resolve_precision
-    from shakegpt.training.checkpoint import model_from_checkpoint, resolve_checkpoint
+    from shakegpt.training.checkpoint import load_bundle, model_from_checkpoint, resolve_checkpoint
     from shakegpt.training.val_pass import full_val_pass
 
-    ckpt_file = resolve_checkpoint(path)
-    model, tokenizer, ckpt = model_from_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
+    if (Path(path).expanduser() / "model.safetensors").is_file():  # an exported bundle, as sample takes it
+        ckpt_file = Path(path).expanduser()
+        (model, tokenizer), ckpt = load_bundle(ckpt_file), {}  # a bundle keeps no step
+    else:
+        ckpt_file = resolve_checkpoint(path)
+        model, tokenizer, ckpt = model_from_checkpoint(ckpt_file)  # one read, weights_only: no code runs from the file
     seq_len = data.get("seq_len") or model.cfg.max_seq_len
     corpus = resolve_corpus(
         data.get("path"), data.get("cache_dir"), **{k: data[k] for k in ("url", "sha256") if k in data}
@@ -67,7 +71,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         name = r["ckpt"] if len(r["ckpt"]) <= 60 else "…" + r["ckpt"][-59:]
         out.append(
-            f"{name:<60} {r['step']:>7} {r['val_loss']:>9.4f} {r['val_bpc']:>7.4f} {r['val_acc']:>7.4f} "
+            f"{name:<60} {'-' if r['step'] is None else r['step']:>7} {r['val_loss']:>9.4f} {r['val_bpc']:>7.4f} {r['val_acc']:>7.4f} "
             f"{r['val_loss_last']:>9.4f}"
         )
     return "\n".join(out)

@@ -308,3 +308,14 @@ def test_sample_and_evaluate_name_an_unknown_key_in_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.strip().splitlines() == [
             f"error: {typo} is not a key; did you mean {meant}? (+{typo}=… adds a new one; --cfg job lists them all)"
         ]
+
+
+def test_evaluate_takes_an_exported_bundle_as_sample_does(trained_run, tmp_path):
+    out, _, _ = trained_run
+    bundle = export_bundle(out, tmp_path / "bundle")
+    data = {"path": str(TINY), "batch_size": 4, "seq_len": None}
+    from_bundle = evaluate_checkpoint(bundle, data, precision="32-true")
+    from_ckpt = evaluate_checkpoint(out, data, precision="32-true")
+    assert from_bundle["val_loss"] == pytest.approx(from_ckpt["val_loss"], abs=1e-6) and from_bundle["step"] is None
+    r = run_here(evaluate_command.main, f"ckpt_path={bundle}", f"data.path={TINY}", "data.batch_size=4")
+    assert r.returncode == 0 and f"{from_bundle['val_loss']:.4f}" in r.stdout, r.stderr[-1500:]
