@@ -209,20 +209,18 @@ def test_eval_refuses_a_corpus_outside_the_vocabulary(trained_run, tmp_path):
     assert evaluate_checkpoint(out, {**data, "path": str(TINY)}, precision="32-true")["unk_share"] == 0
 
 
+def eval_cfg(run, out):
+    """The evaluate command's config for `run` on the tiny corpus, its table written to `out`."""
+    data = {"path": str(TINY), "batch_size": 4, "seq_len": None}
+    return OmegaConf.create({"ckpt_path": str(run), "data": data, "precision": "32-true", "out": str(out), "seed": 0})
+
+
 def test_eval_out_that_cannot_be_written_is_refused_before_evaluating(trained_run, tmp_path, monkeypatch):
     out, _, _ = trained_run
     (tmp_path / "file").write_text("x")
     evaluated = []
     monkeypatch.setattr("shakegpt.commands.evaluate.evaluate_checkpoint", lambda *a, **k: evaluated.append(a))
-    cfg = OmegaConf.create(
-        {
-            "ckpt_path": str(out),
-            "data": {"path": str(TINY), "batch_size": 4, "seq_len": None},
-            "precision": "32-true",
-            "out": str(tmp_path / "file" / "eval.json"),
-            "seed": 0,
-        }
-    )
+    cfg = eval_cfg(out, tmp_path / "file" / "eval.json")
     with pytest.raises(ConfigError, match=f"out={tmp_path}/file/eval.json cannot be made: {tmp_path}/file is a file"):
         evaluate(cfg)
     assert evaluated == []
@@ -236,15 +234,7 @@ def test_eval_out_that_cannot_be_written_is_refused_before_evaluating(trained_ru
 
 def test_eval_out_in_a_folder_not_made_yet_is_written(trained_run, tmp_path):
     out, _, _ = trained_run
-    cfg = OmegaConf.create(
-        {
-            "ckpt_path": str(out),
-            "data": {"path": str(TINY), "batch_size": 4, "seq_len": None},
-            "precision": "32-true",
-            "out": str(tmp_path / "results" / "eval.json"),
-            "seed": 0,
-        }
-    )
+    cfg = eval_cfg(out, tmp_path / "results" / "eval.json")
     rows = evaluate(cfg)
     assert json.loads((tmp_path / "results" / "eval.json").read_text()) == rows
 
