@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shakegpt.run.signals import SIGNAL_WORDS
+from shakegpt.run.signals import SIGNAL_WORDS, before_first_step
 from shakegpt.training.checkpoint import step_of
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ def stopping_signal(e: BaseException) -> int | None:
 
 def describe_interruption(signum: int, run_dir: Path, step: int) -> str:
     """One line: which signal stopped the run, at which step, and the checkpoint it can resume from."""
-    what = SIGNAL_WORDS.get(signum, signal.Signals(signum).name)
     if step == 0:
-        return f"{what} before the first training step; nothing to keep"
+        return before_first_step(signum)
+    what = SIGNAL_WORDS.get(signum, signal.Signals(signum).name)
     saved = run_dir / "checkpoints" / "interrupted.ckpt"
     if saved.is_file() and step_of(saved) == step:
         return f"{what} at step {step}; its state is saved in {saved}"

@@ -42,16 +42,27 @@ def lightning_takes_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def stopped_before_training(e: KeyboardInterrupt, run_dir: Path) -> NoReturn:
-    """End the program for Ctrl-C or SIGTERM before the first step: one line, the run directory's
-    entries removed, the shell's exit code for the signal."""
+def before_first_step(signum: int) -> str:
+    return f"{SIGNAL_WORDS[signum]} before the first training step; nothing to keep"
+
+
+def as_interrupt(signum: int) -> KeyboardInterrupt:
+    """The exception `stopped_before_training` takes for a signal."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stopped_before_training(e: KeyboardInterrupt, run_dir: Path | None) -> NoReturn:
+    """End the program for Ctrl-C or SIGTERM outside Lightning's handling: before the first step (one
+    line, the run directory's entries removed) or after training (the final sample: the checkpoints
+    stay), with the shell's exit code for the signal. `run_dir` is None when none was made yet."""
     from shakegpt.run.rundir import remove_unstarted
 
     signum = getattr(e, "signum", signal.SIGINT)
-    remove_unstarted(run_dir)
-    print(
-        f"\nstopped: {SIGNAL_WORDS[signum]} before the first training step; nothing to keep",
-        file=sys.stderr,
-        flush=True,
-    )
+    if run_dir is not None and any((run_dir / "checkpoints").glob("*.ckpt")):
+        line = f"{SIGNAL_WORDS[signum]}; the run's checkpoints are in {run_dir / 'checkpoints'}"
+    else:
+        line = before_first_step(signum)
+        if run_dir is not None:
+            remove_unstarted(run_dir)
+    print(f"\nstopped: {line}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum) from None

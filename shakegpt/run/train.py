@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -37,7 +36,7 @@ from shakegpt.run.rundir import (
     sweeper_records_failures,
     write_sweep_summary,
 )
-from shakegpt.run.signals import Terminated, lightning_takes_sigterm, stopped_before_training
+from shakegpt.run.signals import as_interrupt, lightning_takes_sigterm, stopped_before_training
 from shakegpt.run.sweep_ddp import sweep_job
 from shakegpt.training.callbacks import (
     AtomicCheckpointIO,
@@ -171,8 +170,10 @@ def train(
         signum = stopping_signal(e)
         if signum is None:
             raise
-        line = describe_interruption(signum, Path(cfg.paths.output_dir), trainer.global_step)
         close_bars(trainer)  # drawn to their end now, so that the line below is the last on the terminal
+        if trainer.global_step == 0:  # nothing trained, nothing to keep: as a stop before fit
+            raise as_interrupt(signum) from None
+        line = describe_interruption(signum, Path(cfg.paths.output_dir), trainer.global_step)
         raise RunInterrupted(line, signum) from None
     except Exception as e:
         raise TrainingFailed(describe_failure(e, Path(cfg.paths.output_dir), trainer.global_step)) from e
@@ -212,11 +213,9 @@ def close_bars(trainer: L.Trainer) -> None:
 
 
 def stopped(e: RunInterrupted, run_dir: Path) -> None:
-    """End the program for a signal: one line with the command that resumes the run where it was
-    (or, stopped before its first step, no run directory left), and the exit code 130 or 143."""
+    """End the program for a signal mid-run: one line with the command that resumes the run where it
+    was, and the exit code 130 or 143."""
     log.info("stopped: %s", e, extra=FILE_ONLY)
-    if "before the first training step" in str(e):
-        stopped_before_training(Terminated() if e.exit_code == 128 + signal.SIGTERM else KeyboardInterrupt(), run_dir)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # the sweep ends here: its table of the jobs so far, as at its end
         write_sweep_summary(Path(hc.sweep.dir), "stopped; its jobs so far, best first")

@@ -67,6 +67,25 @@ def test_a_run_stopped_before_its_first_step_leaves_only_what_was_there(tmp_path
     assert not run.exists()
 
 
+def test_a_stop_before_any_run_directory_or_after_training_is_one_line(tmp_path, capsys):
+    """Ctrl-C while Hydra starts (no run directory claimed yet), and Ctrl-C after training (the final
+    sample): one line each, and a trained run's checkpoints stay."""
+    from shakegpt.run.signals import stopped_before_training
+
+    with pytest.raises(SystemExit) as info:
+        stopped_before_training(KeyboardInterrupt(), None)
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip() == "stopped: Ctrl-C (SIGINT) before the first training step; nothing to keep"
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(SystemExit) as info:
+        stopped_before_training(Terminated(), tmp_path)
+    assert info.value.code == 143 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert capsys.readouterr().err.strip() == (
+        f"stopped: SIGTERM (a scheduler's preemption or a kill); the run's checkpoints are in {tmp_path / 'checkpoints'}"
+    )
+
+
 def _start(out: Path, terminal: bool, *args: str):
     """`python train.py …` writing to a pipe, or to a pseudo-terminal as in an interactive shell."""
     cmd = train_command(out, "trainer.max_steps=100000", "trainer.val_check_interval=5", "sample.num_chars=5", *args)
