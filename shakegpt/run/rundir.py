@@ -274,8 +274,8 @@ def record_job_failure(job_dir: Path, error: BaseException) -> None:
 
 def remove_if_empty(run_dir: Path) -> None:
     """Delete the directory of a run that stopped before training started: it holds only Hydra's
-    record and a log ending in the error just printed, and would clutter outputs/."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    record, its lock and a log ending in the error just printed, and would clutter outputs/."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK_FILE}:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

@@ -174,3 +174,13 @@ def test_a_sweep_with_no_job_leaves_no_directory(tmp_path):
     r = run_here(train_command.main, "-m", "seed=range(0,0)", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert r.returncode == 0 and "the sweep ran no job" in r.stdout, r.stderr[-1500:]
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_run_refused_once_the_corpus_is_read_leaves_no_directory(tmp_path):
+    """A mistake found in train() (here: a vocabulary smaller than the corpus's characters) comes
+    after the run directory and its lock were made: the directory goes with the run."""
+    from shakegpt.commands import train as train_command
+
+    r = run_here(train_command.main, f"data.path={TINY}", "model.vocab_size=10", cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-1500:]
+    assert not (tmp_path / "outputs" / "runs").exists() or list((tmp_path / "outputs" / "runs").iterdir()) == []
