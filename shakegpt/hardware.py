@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,38 +18,54 @@ BF16_MIN_D_MODEL = 128
 
 
 @cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+def cpu_capabilities() -> Mapping[str, Any]:
+    """What torch reports of this machine's CPU: instruction sets (avx512_bf16, amx_bf16, ... on x86;
+    neon, bf16, sve ... on ARM) and core counts, the same on Linux, macOS and Windows. Older torch
+    releases (before `torch.cpu.get_capabilities`) answer the two bf16 questions only."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return dict(get())
+    caps: dict[str, Any] = {}
+    for name, ask in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        if hasattr(torch.cpu, ask):
+            caps[name] = bool(getattr(torch.cpu, ask)())
+    return caps
 
 
 def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matmuls run natively (AMX or AVX512-BF16), so bf16 autocast pays."""
-    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    """True where bf16 matmuls run natively on an x86 CPU (AMX or AVX512-BF16), so bf16 autocast pays.
+    ARM CPUs stay in fp32: bf16 autocast there has not been measured to pay for this project's shapes."""
+    caps = cpu_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
 def physical_cores() -> int:
     """Physical cores (hyper-threads share a core's matmul units, so more threads don't help)."""
-    try:
-        cores = {
-            (block.get("physical id"), block.get("core id"))
-            for block in (
-                dict(kv.split(":", 1) for kv in para.splitlines() if ":" in kv)
-                for para in Path("/proc/cpuinfo").read_text().split("\n\n")
-            )
-            if block.get("core id") is not None
-        }
-        if cores:
-            return len(cores)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
+    cores = cpu_capabilities().get("num_physical_cores")
+    return int(cores) if cores else (os.cpu_count() or 1)
+
+
+def device_kind(accelerator: str) -> str:
+    """The device Lightning trains on for `trainer.accelerator` on this machine: "cuda", "mps" or
+    "cpu" (any other accelerator as named). Lightning's own order: with `auto` and `gpu`, an Apple
+    GPU (MPS) comes before CUDA."""
+    if accelerator in ("auto", "gpu"):
+        if torch.backends.mps.is_available():
+            return "mps"
+        if torch.cuda.is_available():
+            return "cuda"
+        return "cpu" if accelerator == "auto" else "cuda"
+    return accelerator
+
+
+def on_cuda(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` setting trains on CUDA GPUs on this machine."""
+    return device_kind(accelerator) == "cuda"
+
+
+def on_cpu(accelerator: str) -> bool:
+    """Whether Lightning's `accelerator` setting trains on this machine's CPU."""
+    return device_kind(accelerator) == "cpu"
 
 
 # on a CPU, Lightning runs fp16 mixed precision as bf16 (CPU autocast has no fp16 matmuls): named as it runs
@@ -66,26 +82,17 @@ def resolve_precision(precision: str, accelerator: str, d_model: int) -> str:
     return precision
 
 
-def on_cuda(accelerator: str) -> bool:
-    """Whether Lightning's `accelerator` setting trains on CUDA GPUs on this machine."""
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
 def auto_precision(accelerator: str, d_model: int) -> str:
     """Lightning's `precision` for `trainer.precision=auto`: bf16 mixed precision where the hardware
-    runs bf16 natively and the model is wide enough to profit, full fp32 elsewhere."""
-    if on_cuda(accelerator):
+    runs bf16 natively and the model is wide enough to profit, full fp32 elsewhere. Decided from what
+    torch reports, so it is the same on Linux, macOS and Windows. An Apple GPU (MPS) trains in fp32:
+    fp16 autocast there needs a gradient scaler, which users of other projects found wrong on MPS."""
+    device = device_kind(accelerator)
+    if device == "cuda":
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if accelerator in ("cpu", "auto") and cpu_has_fast_bf16() and d_model >= BF16_MIN_D_MODEL:
+    if device == "cpu" and cpu_has_fast_bf16() and d_model >= BF16_MIN_D_MODEL:
         return "bf16-mixed"
     return "32-true"
-
-
-def on_cpu(accelerator: str) -> bool:
-    """Whether Lightning's `accelerator` setting trains on this machine's CPU."""
-    if accelerator == "auto":
-        return not torch.cuda.is_available() and not torch.backends.mps.is_available()
-    return accelerator == "cpu"
 
 
 def emulated_bf16_warning(precision: str, accelerator: str) -> str | None:

@@ -29,7 +29,7 @@ def test_fp16_on_a_cpu_is_named_as_the_bf16_it_runs():
     ],
 )
 def test_auto_precision_on_cpu(monkeypatch, flags, accelerator, d_model, expected):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "cpu_capabilities", lambda: dict.fromkeys(flags, True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert hardware.auto_precision(accelerator, d_model) == expected
 
@@ -120,7 +120,7 @@ def test_the_table_takes_mfu_against_the_faster_peak(peak, mfu):
 
 @pytest.mark.parametrize(("flags", "warned"), [({"avx2"}, True), ({"avx512_bf16"}, False)])
 def test_bf16_asked_for_on_a_cpu_without_it_is_warned(monkeypatch, make_cfg, caplog, flags, warned):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "cpu_capabilities", lambda: dict.fromkeys(flags, True))
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
     with caplog.at_level(logging.WARNING, logger="shakegpt.run.train"):
         train(cfg)
@@ -134,7 +134,7 @@ def test_the_emulated_bf16_warning_comes_from_rank_zero_only(monkeypatch, make_c
     experiment=smoke trainer.devices=2 trainer.precision=bf16-mixed` printed it twice before)."""
     from lightning.pytorch.utilities import rank_zero_only
 
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(hardware, "cpu_capabilities", lambda: dict.fromkeys({"avx2"}, True))
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=1", "trainer.val_check_interval=1")
     with caplog.at_level(logging.WARNING, logger="shakegpt.run.train"):
@@ -153,7 +153,7 @@ def test_the_emulated_bf16_warning_comes_from_rank_zero_only(monkeypatch, make_c
     ],
 )
 def test_only_bf16_on_a_cpu_that_emulates_it_is_warned(monkeypatch, accelerator, cuda, precision, warned):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(hardware, "cpu_capabilities", lambda: dict.fromkeys({"avx2"}, True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert (hardware.emulated_bf16_warning(precision, accelerator) is not None) == warned
 

@@ -125,7 +125,7 @@ def test_muon_trains_resumes_and_is_not_resumed_as_adamw(make_cfg, tmp_path):
 
 def _muon_steps(optimizer_class, flags, monkeypatch, shape, adjust_lr_fn, steps=3):
     """A matrix after `steps` Muon steps on fixed gradients, with the CPU's flags set to `flags`."""
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "cpu_capabilities", lambda: dict.fromkeys(flags, True))
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(*shape))
     grads = [torch.randn(*shape) for _ in range(steps)]

@@ -90,7 +90,7 @@ def check_trainer(tcfg: Mapping) -> None:
         raise ConfigError(f"trainer.precision={precision!r} is unknown; choose one of {', '.join(PRECISIONS)}")
     import torch
 
-    from shakegpt.hardware import on_cuda
+    from shakegpt.hardware import device_kind, on_cuda
 
     devices, accelerator = tcfg.get("devices"), str(tcfg.get("accelerator"))
     gpu_wanted = on_cuda(accelerator)
@@ -98,9 +98,15 @@ def check_trainer(tcfg: Mapping) -> None:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but this machine has no usable GPU; use trainer.accelerator=cpu or auto"
         )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "trainer.accelerator=mps but torch finds no Apple GPU here (MPS needs Apple silicon and macOS 12.3 or "
+            "later); use trainer=cpu, or trainer.accelerator=auto to take the GPU where there is one"
+        )
     if is_int(devices):
-        available = torch.cuda.device_count() if gpu_wanted else (os.cpu_count() or 1)
-        kind = "GPUs" if gpu_wanted else "CPU cores (one process per device)"
+        mps = device_kind(accelerator) == "mps"
+        available = 1 if mps else torch.cuda.device_count() if gpu_wanted else (os.cpu_count() or 1)
+        kind = "Apple GPU" if mps else "GPUs" if gpu_wanted else "CPU cores (one process per device)"
         if devices < 1 or devices > available:
             raise ConfigError(
                 f"trainer.devices={devices} is invalid; this machine has {available} {kind}: use 1 to {available}"

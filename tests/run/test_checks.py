@@ -17,7 +17,7 @@ from shakegpt.run.checks import check_train_config, check_writable
 from shakegpt.run.train import train
 from shakegpt.training.data import CharDataModule
 
-from ..conftest import compose_cfg
+from ..conftest import TINY, compose_cfg
 
 BAD = [
     (["optim.min_lr_ratio=-3"], "optim.min_lr_ratio=-3 is invalid; it must be in [0, 1]"),
@@ -158,6 +158,19 @@ def test_a_tiny_temperature_samples_the_most_likely_character():
     logits = torch.tensor([[0.1, 2.0, -1.0, 1.9]])
     picks = {int(sample_next(logits, temperature=1e-40)) for _ in range(20)}
     assert picks == {1}
+
+
+def test_the_mac_preset_asks_for_the_apple_gpu_and_is_refused_where_there_is_none(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg("trainer=mps", f"data.path={TINY}", shrink=False)  # (the shrunk config pins the CPU)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision) == ("mps", 1, "auto")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as info:
+        check_train_config(cfg, tmp_path / "run")
+    assert str(info.value).startswith("trainer.accelerator=mps but torch finds no Apple GPU here")
+    assert "use trainer=cpu" in str(info.value) and not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # a Mac: one Apple GPU
+    with pytest.raises(ConfigError, match="trainer.devices=2 is invalid; this machine has 1 Apple GPU: use 1 to 1"):
+        check_train_config(with_values(cfg, "trainer.devices=2"), tmp_path / "run")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
