@@ -171,30 +171,79 @@ def _load_weights(model: GPT, load, origin: str | Path) -> None:
 BUNDLE_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 
 
-def export_bundle(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write `model.safetensors`, `config.json` and `tokenizer.json` for the checkpoint into `out_dir`.
-    An existing bundle there is replaced only with `overwrite`; the files are written beside it first
-    and moved into place at the end, so a failed export leaves what was there."""
+def _write_export(out_dir: str | Path, names: tuple[str, ...], overwrite: bool, prepare, write) -> Path:
+    """Write an export into `out_dir`: refused where one is already there (any of `names`) unless
+    `overwrite`; `prepare()` runs before anything is written (it loads and checks the model) and
+    returns what `write(folder, prepared)` writes. The files are written beside the folder's contents
+    first and moved into place at the end, so a failed export leaves what was there."""
     out = Path(out_dir).expanduser()
-    existing = [n for n in BUNDLE_FILES if (out / n).exists()]
+    existing = [n for n in names if (out / n).exists()]
     if existing and not overwrite:
         raise CheckpointError(
-            f"{out} already holds a bundle ({', '.join(existing)}); choose another folder, or pass --force to replace it"
+            f"{out} already holds an export ({', '.join(existing)}); choose another folder, or pass --force to replace it"
         )
     if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} is a file, not a folder; choose a folder for the bundle")
-    model, tokenizer, _ = model_from_checkpoint(ckpt_path)
+        raise CheckpointError(f"{out} is a file, not a folder; choose a folder for the export")
+    prepared = prepare()
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-            save_model(model, str(Path(tmp) / "model.safetensors"))  # handles the tied head/embedding matrix
-            (Path(tmp) / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
-            tokenizer.save(Path(tmp) / "tokenizer.json")
-            for name in BUNDLE_FILES:
-                os.replace(Path(tmp) / name, out / name)
+            write(Path(tmp), prepared)
+            for f in sorted(Path(tmp).iterdir()):
+                os.replace(f, out / f.name)
     except OSError as e:
-        raise CheckpointError(f"the bundle could not be written to {out}: {e.strerror or e}") from None
+        raise CheckpointError(f"the export could not be written to {out}: {e.strerror or e}") from None
     return out
+
+
+def export_bundle(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `model.safetensors`, `config.json` and `tokenizer.json` for the checkpoint into `out_dir`
+    (see `_write_export` for what is refused and how a failure leaves the folder)."""
+
+    def write(folder: Path, loaded) -> None:
+        model, tokenizer, _ = loaded
+        save_model(model, str(folder / "model.safetensors"))  # handles the tied head/embedding matrix
+        (folder / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+        tokenizer.save(folder / "tokenizer.json")
+
+    return _write_export(out_dir, BUNDLE_FILES, overwrite, lambda: model_from_checkpoint(ckpt_path), write)
+
+
+def val_loss_of(ckpt: dict[str, Any]) -> float | None:
+    """The val loss a checkpoint was saved at, as its checkpoint callback recorded it (None if it has none)."""
+    for state in (ckpt.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("monitor") == "val/loss":
+            score = state.get("current_score", state.get("best_model_score"))
+            if score is not None:
+                return float(score)
+    return None
+
+
+def export_hf(ckpt_path: str | Path, out_dir: str | Path, command: str | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint's model as a Hugging Face `transformers` model directory (`shakegpt.hf`):
+    weights, config, tokenizer and a model card naming its val loss and `command`. A model no
+    `transformers` architecture computes exactly is refused before anything is written."""
+    from shakegpt import hf
+
+    def prepare():
+        model, tokenizer, ckpt = model_from_checkpoint(ckpt_path)
+        hf.check_exportable(model.cfg)
+        try:
+            import tokenizers  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--format hf needs the transformers and tokenizers libraries: pip install 'shakegpt[hf]'"
+            ) from None
+        arch = hf.HF_ARCHITECTURES[model.cfg.pos_encoding].name
+        card = hf.model_card(model.cfg, arch, val_loss_of(ckpt), ckpt.get("global_step"), command)
+        return model, tokenizer, card
+
+    def write(folder: Path, prepared) -> None:
+        model, tokenizer, card = prepared
+        hf.save_hf(model, tokenizer, folder, card)
+
+    return _write_export(out_dir, hf.HF_FILES, overwrite, prepare, write)
 
 
 def load_bundle(path: str | Path) -> tuple[GPT, CharTokenizer]:

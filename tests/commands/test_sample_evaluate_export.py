@@ -19,7 +19,9 @@ from shakegpt.errors import CheckpointError, ConfigError, DataError
 from shakegpt.training.checkpoint import (
     export_bundle,
     load_bundle,
+    model_from_checkpoint,
     resolve_checkpoint,
+    val_loss_of,
 )
 
 from ..conftest import ROOT, TINY, run_here
@@ -173,7 +175,7 @@ def test_export_never_replaces_a_bundle_without_force(trained_run, tmp_path):
     bundle = export_bundle(out, tmp_path / "b")
     before = {p.name: p.read_bytes() for p in bundle.iterdir()}
     with pytest.raises(
-        CheckpointError, match=f"{bundle} already holds a bundle .*; choose another folder, or pass --force"
+        CheckpointError, match=f"{bundle} already holds an export .*; choose another folder, or pass --force"
     ):
         export_bundle(out / "checkpoints" / "last.ckpt", bundle)
     assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
@@ -193,7 +195,7 @@ def test_export_to_an_unwritable_place_is_one_line(trained_run, tmp_path):
         timeout=120,
     )
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        f"error: the bundle could not be written to {tmp_path / 'file' / 'bundle'}: Not a directory"
+        f"error: the export could not be written to {tmp_path / 'file' / 'bundle'}: Not a directory"
     ], r.stderr
 
 
@@ -309,3 +311,97 @@ def test_evaluate_takes_an_exported_bundle_as_sample_does(trained_run, tmp_path)
     assert from_bundle["val_loss"] == pytest.approx(from_ckpt["val_loss"], abs=1e-6) and from_bundle["step"] is None
     r = run_here(evaluate_command.main, f"ckpt_path={bundle}", f"data.path={TINY}", "data.batch_size=4")
     assert r.returncode == 0 and f"{from_bundle['val_loss']:.4f}" in r.stdout, r.stderr[-1500:]
+
+
+@pytest.fixture(scope="module")
+def exportable_run(tmp_path_factory):
+    """A shrunk run of an original shakeGPT preset (v3: learned positions, GELU, LayerNorm), which
+    transformers' GPT-2 computes exactly, trained two steps through `python train.py`'s own path."""
+    from shakegpt.commands import train as train_command_module
+
+    out = tmp_path_factory.mktemp("v3run")
+    overrides = ["model=v3", "model.d_model=32", "model.n_head=4", "model.d_ff=64", "model.n_layer=2"]
+    shrink = [
+        f"data.path={TINY}",
+        "data.batch_size=4",
+        "data.seq_len=32",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.enable_progress_bar=false",
+        "sample.num_chars=0",
+        "callbacks.text_sample.num_chars=0",
+        f"hydra.run.dir={out}",
+    ]
+    r = run_here(train_command_module.main, *overrides, *shrink, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return out, overrides
+
+
+def test_export_hf_writes_what_transformers_loads_without_shakegpt(exportable_run, tmp_path):
+    from shakegpt.commands import export as export_command
+
+    out, overrides = exportable_run
+    dest = tmp_path / "hf"
+    r = run_here(export_command.main, str(out), str(dest), "--format", "hf")
+    assert r.returncode == 0 and f"written: {dest}" in r.stdout, r.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in dest.iterdir()}
+    card = (dest / "README.md").read_text()
+    model, tokenizer, ckpt = model_from_checkpoint(out)
+    assert 1.0 < val_loss_of(ckpt) < 10.0  # the callback's score, as the run logged it
+    assert f"val loss (nats per character): {val_loss_of(ckpt):.4f}, at step 2" in card
+    assert "trained with: `python train.py " + " ".join(overrides) in card
+    # in a fresh interpreter where shakegpt cannot be imported: transformers alone loads and generates
+    text = TINY.read_text()[:24]  # characters of the run's vocabulary (the tiny corpus's)
+    code = f"""
+import sys, json
+sys.modules["shakegpt"] = None  # any import of shakegpt now fails
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(dest)!r}).eval()
+tok = AutoTokenizer.from_pretrained({str(dest)!r})
+ids = tok({text!r}, return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(ids).logits
+gen = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.unk_token_id)
+print(json.dumps({{"ids": ids[0].tolist(), "logits": logits[0].tolist(), "generated": tok.decode(gen[0])}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["ids"] == tokenizer.encode(text).tolist()
+    with torch.no_grad():
+        ours = model(tokenizer.encode(text)[None])[0]
+    torch.testing.assert_close(torch.tensor(got["logits"]), ours, atol=1e-5, rtol=0)
+    assert got["generated"].startswith(text) and len(got["generated"]) == len(text) + 5
+
+
+def test_export_hf_refuses_a_model_without_counterpart_and_an_earlier_export(trained_run, exportable_run, tmp_path):
+    from shakegpt.commands import export as export_command
+
+    out, _, _ = trained_run  # the quickstart: RoPE with per-head QK-norm, which GPT-NeoX lacks
+    r = run_here(export_command.main, str(out), str(tmp_path / "q"), "--format", "hf")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: model.qk_norm=true has no exact counterpart in transformers' gpt_neox (which this model's "
+        "model.pos_encoding=rope maps to); export it as a shakegpt bundle (--format bundle) instead"
+    ]
+    assert not (tmp_path / "q").exists()
+    dest = export_bundle(exportable_run[0], tmp_path / "b")  # a bundle there already: config.json, tokenizer.json
+    r = run_here(export_command.main, str(exportable_run[0]), str(dest), "--format", "hf")
+    assert (
+        r.returncode == 1
+        and "already holds an export (config.json, model.safetensors, tokenizer.json); choose another" in r.stderr
+    )
+    r = run_here(export_command.main, str(exportable_run[0]), str(dest), "--format", "hf", "--force")
+    assert r.returncode == 0 and "gpt2" in (dest / "config.json").read_text()
+
+
+def test_export_hf_without_transformers_installed_says_which_extra(exportable_run, tmp_path, monkeypatch):
+    from shakegpt.commands import export as export_command
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the hf extra were not installed
+    r = run_here(export_command.main, str(exportable_run[0]), str(tmp_path / "hf"), "--format", "hf")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --format hf needs the transformers and tokenizers libraries: pip install 'shakegpt[hf]'"
+    ]
+    assert not (tmp_path / "hf").exists()
