@@ -178,7 +178,7 @@ class TextSample(L.Callback):
 
 
 class HParamsWithMetric(L.Callback):
-    """Write the run's entry in TensorBoard's HParams tab: its settings (booleans and strings as
+    """Write the run's entry in TensorBoard's HParams tab (and its settings to the other trackers): its settings (booleans and strings as
     themselves), the ones in `differing` marked so (the tab shows those first), `name` as the run's
     name in the table (its trial ID), and the best and the last val loss as the metric columns. Their
     values come from the scalars logged at each validation, so the tab never shows a placeholder
@@ -203,6 +203,11 @@ class HParamsWithMetric(L.Callback):
         from shakegpt.training.tb_summaries import hparams_start
 
         self._write(trainer, hparams_start(self.params, self.differing, self.METRICS, self.name))
+        # other trackers (CSV, MLflow) get the same flat settings the HParams tab shows, beside the
+        # module's nested hyperparameters that Lightning gives every logger
+        for lg in trainer.loggers:
+            if not isinstance(lg, (TensorBoardLogger, RunRecord)):
+                lg.log_hyperparams(self.params)
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -319,20 +324,6 @@ class InterruptCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.path, weights_only=False)  # the full state: resumable
         except OSError as e:  # the failure being handled is the one to report
             log.warning("could not write %s: %s", self.path, e)
-
-
-class RunTensorBoardLogger(TensorBoardLogger):
-    """Lightning's TensorBoard logger with two changes:
-    - scalars are written at the step the log line, the text samples and the checkpoint names
-      give: Lightning hands its loggers the number of optimizer steps done *before* the one being
-      logged (the validation after step 100 arrives as step 99), so one is added here;
-    - no `epoch` scalar: training is an endless stream of batches, so the epoch stays 0 and would
-      be the first chart a user sees."""
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        metrics = {k: v for k, v in metrics.items() if k != "epoch"}
-        super().log_metrics(metrics, None if step is None else step + 1)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

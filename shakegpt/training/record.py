@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class RunRecord(Logger):
     """A Lightning logger that writes the run's record (see the module). Steps are the ones the log
-    line and the checkpoints give (`RunTensorBoardLogger` explains the one added), and there is no
+    line and the checkpoints give (`shakegpt.training.trackers.OptimizerSteps` explains the one added), and there is no
     flat `epoch` scalar."""
 
     def __init__(self, save_dir: str | Path):

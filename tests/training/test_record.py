@@ -25,7 +25,9 @@ def test_the_record_holds_what_tensorboard_and_csv_hold(make_cfg, tmp_path):
     assert [s for s, _, _ in record["val/loss"]] == [3, 6]
     with (tmp_path / "csv" / "metrics.csv").open() as f:
         rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
-    assert [round(float(r["val/loss"]), 5) for r in rows] == [round(v, 5) for _, v, _ in record["val/loss"]]
+    csv_steps = [(int(r["step"]), round(float(r["val/loss"]), 5)) for r in rows]
+    assert csv_steps == [(s, round(v, 5)) for s, v, _ in record["val/loss"]]  # the same steps: 3 and 6
+    assert "epoch" not in rows[0]
     s = summarize(tmp_path)
     assert s["best_val_loss"] == round(metrics["val/loss_best"], 4) and s["steps"] == 6
     assert last_sample(tmp_path) and len(last_sample(tmp_path)) == cfg.sample.num_chars
@@ -83,3 +85,86 @@ def test_a_record_that_cannot_be_written_warns_once_and_training_goes_on(tmp_pat
         record.log_metrics({"train/loss": 2.0}, step=0)
         record.log_sample("text", 1)
     assert caplog.text.count("cannot be written") == 1 and "training goes on" in caplog.text
+
+
+def _same_value(theirs: str, ours) -> bool:
+    """A tracker's text for a setting against the HParams tab's value (numbers compared as numbers)."""
+    try:
+        return float(theirs) == pytest.approx(float(ours))
+    except (TypeError, ValueError):
+        return theirs.lower() == str(ours).lower()
+
+
+def test_the_csv_logger_gets_the_settings_tensorboard_shows(make_cfg, tmp_path):
+    import yaml
+
+    from ..tb import hparams
+
+    cfg = make_cfg("logger=[tensorboard,csv]", "trainer.max_steps=2", "trainer.val_check_interval=2")
+    train(cfg)
+    tb_params, _ = hparams(load_run(tmp_path / "tensorboard"))
+    saved = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
+    assert "model.d_model" in tb_params
+    assert all(_same_value(str(saved[k]), v) for k, v in tb_params.items()), saved
+
+
+@pytest.mark.slow
+def test_mlflow_holds_the_metrics_and_settings_tensorboard_holds(make_cfg, tmp_path):
+    """logger=[tensorboard,mlflow], for real: MLflow's SQLite store (here in tmp_path) read back with
+    MLflow's own client. (Slow: importing MLflow and making a fresh store take seconds here.)"""
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra: pip install -e '.[mlflow]'")
+    from ..tb import hparams
+
+    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    cfg = make_cfg(
+        "logger=[tensorboard,mlflow]",
+        f"logger.mlflow.tracking_uri={store}",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+    )
+    train(cfg)
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("shakegpt").experiment_id])
+    assert run.info.run_name == tmp_path.name and run.data.tags["run_dir"] == str(tmp_path)
+    assert run.info.status == "FINISHED"
+    tb = load_run(tmp_path / "tensorboard")
+    for tag in ("val/loss", "train/loss", "val/loss_best", "train/lr"):
+        history = sorted((m.step, round(m.value, 5)) for m in client.get_metric_history(run.info.run_id, tag))
+        assert history == [(s, round(v, 5)) for s, v in scalars(tb, tag)], tag
+    tb_params, _ = hparams(tb)
+    assert len(tb_params) > 20
+    differ = {
+        k: (run.data.params.get(k), v) for k, v in tb_params.items() if not _same_value(run.data.params.get(k, "?"), v)
+    }
+    assert not differ
+
+
+@pytest.mark.slow
+def test_parallel_jobs_open_a_fresh_mlflow_store_in_turns(tmp_path):
+    """Three processes (a parallel sweep's jobs) start on one fresh SQLite store at once: each run is
+    recorded whole. Without the lock, two processes on a fresh store made one fail (its tables half made)."""
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra: pip install -e '.[mlflow]'")
+    import subprocess
+    import sys
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys\n"
+        "from shakegpt.training.trackers import MLflowLogger\n"
+        f"lg = MLflowLogger(experiment_name='shakegpt', tracking_uri={store!r}, run_dir=sys.argv[1])\n"
+        "for i in range(20):\n"
+        "    lg.log_metrics({'val/loss': 2.0 - i / 100}, step=i)\n"
+        "lg.finalize('success')\n"
+    )
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"job{i}")], stderr=subprocess.PIPE, text=True)
+        for i in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in jobs]
+    assert [p.returncode for p in jobs] == [0, 0, 0], errors
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("shakegpt").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["job0", "job1", "job2"]
+    for r in runs:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "val/loss")]
+        assert sorted(steps) == list(range(1, 21))  # optimizer steps: Lightning's + 1
