@@ -19,6 +19,8 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +92,8 @@ def lock_run_dir(run_dir: Path) -> None:
     """Hold `<run dir>/.lock` while this process runs there; a second process (a second resume into
     the same directory) is refused in one line naming the first. The lock is the operating system's
     (`flock`): it goes with the process, so a killed run's lock never blocks its resume. A DDP rank
-    started by rank 0 runs in rank 0's directory under rank 0's lock."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or fcntl is None:
+    started by rank 0 (or by torchrun, beside it) runs in rank 0's directory under rank 0's lock."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("RANK", "0") != "0" or fcntl is None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     f = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (held open for the process's life)
@@ -163,7 +165,13 @@ class PrepareRun(Callback):
         try:
             self._set_output_dir(config, target)
             check_train_config(config, target)
-            if not explicit:
+            rank = torchrun_rank()
+            if rank is not None:  # one run directory for every rank torchrun started: rank 0's
+                target = agreed_run_dir(rank, lambda: target if explicit else claim(target))
+                self._set_output_dir(config, target)
+                if rank != 0:  # as Lightning's own DDP ranks: a log of their own, no second .hydra/
+                    self._as_other_rank(config, rank)
+            elif not explicit:
                 target = claim(target)
                 self._set_output_dir(config, target)
             lock_run_dir(target)
@@ -224,10 +232,45 @@ class PrepareRun(Callback):
             )
 
     @staticmethod
+    def _as_other_rank(config: DictConfig, rank: int) -> None:
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.output_subdir = None
+            config.hydra.job.name = f"{config.hydra.job.name}_rank_{rank}"
+
+    @staticmethod
     def _set_output_dir(config: DictConfig, target: Path) -> None:
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.run.dir = str(target)
             config.hydra.runtime.output_dir = str(target.absolute())
+
+
+def torchrun_rank() -> int | None:
+    """This process's global rank where torchrun (torch.distributed.run) started it, else None."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
+TORCHRUN_KEY = "shakegpt/run_dir"
+TORCHRUN_WAIT = timedelta(minutes=10)  # rank 0 checks the config and reads nothing large before it answers
+
+
+def agreed_run_dir(rank: int, choose: Callable[[], Path]) -> Path:
+    """The run directory every rank of a torchrun job uses: rank 0 chooses it (`choose`), and tells
+    the others through the key-value store torchrun's agent already runs at MASTER_ADDR:MASTER_PORT
+    (the one the process group joins later). A worker torchrun restarts finds the key set and
+    continues in the same directory."""
+    from torch.distributed import TCPStore
+
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        raise ConfigError(
+            "this torchrun's rendezvous keeps no store that shakegpt can share the run directory through; "
+            "give every rank the same one: hydra.run.dir=outputs/runs/<name>"
+        )
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=TORCHRUN_WAIT)
+    if rank == 0 and not store.check([TORCHRUN_KEY]):
+        store.set(TORCHRUN_KEY, str(choose()))
+    return Path(store.get(TORCHRUN_KEY).decode())
 
 
 SWEPT = "SHAKEGPT_SWEPT"  # the variable (hydra.job.env_set) that names a sweep's varied keys to its jobs

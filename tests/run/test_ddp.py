@@ -108,3 +108,33 @@ def test_when_one_rank_dies_the_other_exits_soon(tmp_path):
     named = re.search(r"last good checkpoint: (\S+) \(step (\d+)\): resume with ckpt_path=(\S+)$", last)
     assert named and Path(named[1]).parent == out / "checkpoints" and named[3] == str(out), last
     assert torch.load(named[1], weights_only=True)["global_step"] == int(named[2]) >= 5
+
+
+def test_torchrun_starts_two_ranks_that_share_one_run_directory(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py … trainer.devices=2`: Lightning joins the ranks torchrun
+    started (it starts none of its own), and every rank uses rank 0's run directory, named as any run
+    is, though each process composes its config (and the time in its name) on its own."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *SHRUNK_V3,
+            "trainer.devices=2",
+            "trainer.max_steps=4",
+        ],
+        cwd=tmp_path,  # outputs/ lands here
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in r.stderr and "GLOBAL_RANK: 1, MEMBER: 2/2" in r.stderr
+    (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one directory, not one per rank
+    assert {p.name for p in run.iterdir()} >= {".hydra", "train.log", "train_rank_1.log", "checkpoints", "tensorboard"}
+    assert r.stdout.count("--- sample after 4 steps ---") == 1  # rank 0 alone prints
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1

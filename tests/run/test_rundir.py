@@ -184,3 +184,17 @@ def test_a_run_refused_once_the_corpus_is_read_leaves_no_directory(tmp_path):
     r = run_here(train_command.main, f"data.path={TINY}", "model.vocab_size=10", cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-1500:]
     assert not (tmp_path / "outputs" / "runs").exists() or list((tmp_path / "outputs" / "runs").iterdir()) == []
+
+
+def test_torchrun_without_a_shared_store_asks_for_the_directory(monkeypatch):
+    from shakegpt.errors import ConfigError
+    from shakegpt.run.rundir import agreed_run_dir, torchrun_rank
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert torchrun_rank() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "etcd-job")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # e.g. the etcd rendezvous
+    assert torchrun_rank() == 3
+    with pytest.raises(ConfigError, match=r"give every rank the same one: hydra.run.dir=outputs/runs/<name>"):
+        agreed_run_dir(3, lambda: Path("never"))
