@@ -12,7 +12,11 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-SIGNAL_WORDS = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM (a scheduler's preemption or a kill)"}
+SIGNAL_WORDS = {
+    signal.SIGINT: "Ctrl-C (SIGINT)",
+    signal.SIGTERM: "SIGTERM (a scheduler's preemption or a kill)",
+    signal.SIGUSR2: "SIGUSR2 (submitit: the job is preempted or near its time limit)",
+}
 
 
 class Terminated(KeyboardInterrupt):

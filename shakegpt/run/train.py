@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from shakegpt.run.checks import check_train_config, take_checked_up_front
 from shakegpt.run.console import header, resume_command, summary
 from shakegpt.run.failures import describe_failure, describe_interruption, lost_ranks_reported, stopping_signal
 from shakegpt.run.hparams import differing, hparams_of, param_counts
+from shakegpt.run.requeue import hand_over_to_submitit, preempted_by, slurm_plugins, stop_on_preemption
 from shakegpt.run.rundir import (
     record_job_failure,
     remove_if_empty,
@@ -141,7 +143,7 @@ def train(
         callbacks=callbacks,
         logger=loggers,
         precision=precision,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         **extra,
     )
     if trainer.is_global_zero:
@@ -160,6 +162,7 @@ def train(
             ),
         )
     lightning_takes_sigterm()
+    stop_on_preemption(trainer)  # in a submitit job: its preemption signal stops at the next step
     try:
         # weights_only: resuming reads tensors and plain data, never code from the file
         with lost_ranks_reported(trainer, Path(cfg.paths.output_dir)):
@@ -168,6 +171,8 @@ def train(
         raise
     except (SystemExit, KeyboardInterrupt) as e:
         signum = stopping_signal(e)
+        if signum == signal.SIGTERM and preempted_by() is not None:  # Lightning's stop, asked by submitit's signal
+            signum = preempted_by()
         if signum is None:
             raise
         close_bars(trainer)  # drawn to their end now, so that the line below is the last on the terminal
@@ -215,7 +220,6 @@ def close_bars(trainer: L.Trainer) -> None:
 def stopped(e: RunInterrupted, run_dir: Path) -> None:
     """End the program for a signal mid-run: one line with the command that resumes the run where it
     was, and the exit code 130 or 143."""
-    log.info("stopped: %s", e, extra=FILE_ONLY)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # the sweep ends here: its table of the jobs so far, as at its end
         write_sweep_summary(Path(hc.sweep.dir), "stopped; its jobs so far, best first")
@@ -237,6 +241,10 @@ def run_job(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before Lightning's handling began (the corpus, the model)
         stopped_before_training(e, run_dir)
     except RunInterrupted as e:
+        log.info("stopped: %s", e, extra=FILE_ONLY)
+        if preempted_by() is not None:
+            log.info("requeued by submitit: the job resumes from that state in %s", run_dir)
+        hand_over_to_submitit()  # preempted in a submitit job: it requeues the job and ends the process
         stopped(e, run_dir)
     except ShakeGPTError as e:  # the user's to fix, or a failure told in one line: no traceback on screen
         # train.log gets the message and the cause's traceback; the terminal gets one "error: …" line below

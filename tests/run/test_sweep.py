@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from ..conftest import ROOT, TINY
 from ..tb import hparams, load_run, scalars
@@ -308,3 +310,74 @@ def test_a_sweep_with_the_csv_logger_alone_ends_with_its_table(tmp_path):
     assert "\n".join(table) in r.stdout
     for job in (p for p in sweep.iterdir() if p.is_dir()):
         assert (job / "csv" / "metrics.csv").is_file() and not (job / "tensorboard").exists()
+
+
+def _processes_running(marker: str) -> list[int]:
+    pids = []
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                pids.append(int(proc))
+    return pids
+
+
+def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_directory(tmp_path):
+    """submitit's local executor runs the job as SLURM would; the test sends the job submitit's
+    preemption signal (SIGUSR2, what `job._interrupt()` sends) once it has trained a few steps. The job
+    stops at a step, saves interrupted.ckpt, is requeued, and its second run resumes from that step in
+    the same directory and finishes the steps asked for."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            *SHRUNK,
+            "hydra/launcher=slurm_local",
+            "trainer.max_steps=60",
+            "trainer.val_check_interval=10",
+            "trainer.log_every_n_steps=1",
+            "model/pos_encoding=rope",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        log = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = list(sweep.glob("0_*/train.log"))
+            if logs and re.search(r"step (1[2-9]|[2-5]\d)/60", logs[0].read_text()):
+                log = logs[0]
+                break
+            time.sleep(0.2)
+        assert log is not None, "the job did not get past step 12: " + (proc.stderr.read() if proc.poll() else "")
+        jobs = _processes_running("submitit.core._submit")
+        assert len(jobs) == 1, jobs
+        os.kill(jobs[0], signal.SIGUSR2)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    job = log.parent
+    assert [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")] == [job]  # resumed in place
+    interrupted = torch.load(job / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    stopped_at = interrupted["global_step"]
+    assert 12 <= stopped_at < 60
+    assert torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 60
+    text = log.read_text()
+    said = f"stopped: SIGUSR2 (submitit: the job is preempted or near its time limit) at step {stopped_at}; its state"
+    assert said in text and f"resuming at step {stopped_at}" in text and "requeued by submitit" in text
+    steps = sorted(s for s, _ in scalars(load_run(job / "tensorboard"), "train/loss"))
+    assert steps[-1] == 60 and len(set(steps)) == 60  # every step logged once, none twice
+    submitit_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+    assert "Caught signal SIGUSR2" in submitit_logs and "this job is preempted" in submitit_logs
+    (result,) = sweep.glob(".submitit/*/*_result.pkl")
+    assert pickle.loads(result.read_bytes())[0] == "success"  # submitit's own word on the requeued job
