@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -317,7 +318,7 @@ def _processes_running(marker: str) -> list[int]:
     for proc in os.listdir("/proc"):
         if proc.isdigit():
             try:
-                cmdline = open(f"/proc/{proc}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+                cmdline = Path(f"/proc/{proc}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
             if marker in cmdline:
