@@ -26,3 +26,61 @@ def test_the_compromised_lightning_releases_are_excluded():
 def test_the_installed_versions_are_within_the_ranges():
     for name, req in requirements().items():
         assert req.specifier.contains(version(name), prereleases=True), f"{name} {version(name)} is outside {req}"
+
+
+LOCK = ROOT / "requirements" / "lock.txt"
+
+
+def locked() -> list[Requirement]:
+    """The lock's requirements (name==version ; markers), each line's hashes set aside."""
+    return [
+        Requirement(line.rstrip(" \\"))
+        for line in LOCK.read_text().splitlines()
+        if line and not line[0].isspace() and not line.startswith(("#", "--"))
+    ]
+
+
+def test_the_lock_pins_every_package_with_hashes_and_no_compromised_release():
+    reqs = locked()
+    assert len(reqs) > 100
+    for r in reqs:
+        (spec,) = r.specifier
+        assert spec.operator == "==", r
+    # every pinned line is followed by at least one sha256 hash (pip's --require-hashes needs them)
+    blocks = LOCK.read_text().split("\n")
+    pinned = [i for i, line in enumerate(blocks) if line and not line[0].isspace() and "==" in line]
+    assert all(blocks[i + 1].strip().startswith("--hash=sha256:") for i in pinned)
+    for name in ("lightning", "pytorch-lightning"):
+        for r in (r for r in reqs if r.name == name):
+            assert str(next(iter(r.specifier)).version) not in ("2.6.2", "2.6.3"), r
+
+
+def test_the_lock_covers_every_dependency_but_torch():
+    """Every dependency and extra of pyproject.toml is in the lock; torch alone is left to the user's
+    own install (a CPU or a CUDA build), its marker never true."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(r).name for r in project["dependencies"]}
+    wanted |= {Requirement(r).name for extra in project["optional-dependencies"].values() for r in extra}
+    wanted -= {"shakegpt"}
+    names = {r.name for r in locked()}
+    assert wanted - names == set()
+    torch_lines = [r for r in locked() if r.name == "torch"]
+    assert torch_lines and all('sys_platform == "never"' in str(r.marker) for r in torch_lines)
+
+
+def test_this_suite_runs_with_the_locked_versions():
+    """In CI, installed from the lock (.ci/run): each locked package that applies here is the installed version."""
+    from importlib.metadata import PackageNotFoundError
+
+    differ = []
+    for r in locked():
+        if r.marker is not None and not r.marker.evaluate():
+            continue
+        want = next(iter(r.specifier)).version
+        try:
+            have = version(r.name)
+        except PackageNotFoundError:
+            have = None
+        if have != want:
+            differ.append(f"{r.name}: locked {want}, installed {have}")
+    assert not differ, "; ".join(differ) + " (refresh the lock, or install from it: see README, Development)"
