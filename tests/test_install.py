@@ -116,3 +116,8 @@ def test_the_wheel_works_from_an_empty_directory(installed, tmp_path):
     config = (tmp_path / "mine_run" / ".hydra" / "config.yaml").read_text()
     assert "d_model: 32" in config and "pos_encoding: rope" in config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "eval.json", "mine", "mine_run", "outputs", "run"]
+
+    # the SLURM launchers where Hydra looks for launchers, beside (not shadowing) other packages' plugins
+    site = next(bin_dir.parent.glob("lib/*/site-packages"))
+    assert (site / "hydra_plugins" / "shakegpt_launchers" / "__init__.py").is_file()
+    assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package, as Hydra's plugins expect
