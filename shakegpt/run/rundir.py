@@ -224,6 +224,12 @@ class PrepareRun(Callback):
             return
         if write_sweep_summary(sweep_dir) is None:
             return  # no job got as far as a directory of its own: nothing to sum up
+        jobs = sum(1 for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
+        note = study_note(config.hydra.sweeper, jobs)
+        if note:
+            print(note, flush=True)
+            with (sweep_dir / "summary.md").open("a", encoding="utf-8") as f:
+                f.write(f"\n{note}\n")
         failed = sorted(p.parent.name.split("_", 1)[0] for p in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
         if failed and not sweeper_records_failures(config.hydra.sweeper):
             raise SystemExit(
@@ -307,6 +313,54 @@ def sweeper_records_failures(sweeper: DictConfig) -> bool:
     """Whether the sweeper records a failed job and goes on (Optuna: a FAIL trial, within
     max_failure_rate), rather than ending the sweep at the first failure (Hydra's grid sweeper)."""
     return "BasicSweeper" not in str(sweeper.get("_target_", ""))
+
+
+def optuna_study(sweeper: DictConfig) -> Any:
+    """The Optuna study a sweep runs in, where it is kept in a storage (None otherwise: a study in
+    memory ends with the process, and Hydra's other sweepers keep none)."""
+    if "optuna" not in str(sweeper.get("_target_", "")).lower() or not sweeper.get("storage"):
+        return None
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=str(sweeper.study_name), storage=str(sweeper.storage))
+    except KeyError:  # no such study yet
+        return None
+
+
+def fail_interrupted_trials(sweeper: DictConfig) -> list[int]:
+    """When a signal stops an Optuna sweep: its trials still RUNNING in the study's storage are marked
+    FAIL (the sweeper would otherwise leave them RUNNING for good, and a continued study would count
+    them as under way). Returns their numbers."""
+    from optuna.trial import TrialState
+
+    study = optuna_study(sweeper)
+    if study is None:
+        return []
+    running = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+    for t in running:
+        study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
+    return [t.number for t in running]
+
+
+def study_note(sweeper: DictConfig, jobs: int) -> str | None:
+    """A line for the end of an Optuna sweep whose study holds trials of earlier sweeps too: the
+    "Best value" Optuna prints is the study's, which this sweep's table need not contain."""
+    from optuna.trial import TrialState
+
+    study = optuna_study(sweeper)
+    if study is None:
+        return None
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(study.trials) <= jobs or not done:
+        return None
+    best = study.best_trial
+    return (
+        f"note: study {study.study_name!r} in {sweeper.storage} holds {len(study.trials)} trials, "
+        f"{len(study.trials) - jobs} of them from earlier sweeps; Optuna's 'Best value' is the study's best, "
+        f"{best.value:.4f} (trial {best.number}); this sweep's own jobs are in the table"
+    )
 
 
 def record_job_failure(job_dir: Path, error: BaseException) -> None:

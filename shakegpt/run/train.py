@@ -32,6 +32,7 @@ from shakegpt.run.failures import describe_failure, describe_interruption, lost_
 from shakegpt.run.hparams import differing, hparams_of, param_counts
 from shakegpt.run.requeue import hand_over_to_submitit, preempted_by, slurm_plugins, stop_on_preemption
 from shakegpt.run.rundir import (
+    fail_interrupted_trials,
     record_job_failure,
     remove_if_empty,
     run_identity,
@@ -223,6 +224,9 @@ def stopped(e: RunInterrupted, run_dir: Path) -> None:
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN:  # the sweep ends here: its table of the jobs so far, as at its end
         write_sweep_summary(Path(hc.sweep.dir), "stopped; its jobs so far, best first")
+        failed = fail_interrupted_trials(hc.sweeper)
+        if failed:
+            log.info("Optuna trial(s) %s marked failed in %s", ", ".join(map(str, failed)), hc.sweeper.storage)
     print(f"stopped: {e}; resume with: {resume_command(run_dir)}", file=sys.stderr, flush=True)
     raise SystemExit(e.exit_code)
 

@@ -120,10 +120,17 @@ def test_optuna_study_runs_and_continues_from_its_storage(tmp_path):
         "model.d_model",
         "model.n_layer",
     }
+    assert "note: study" not in (tmp_path / "first" / "summary.md").read_text()  # a fresh study: nothing to say
     # the same command again: the study goes on from 3 to 6 trials
-    multirun(tmp_path, *common, f"hydra.sweep.dir={tmp_path / 'second'}")
+    r = multirun(tmp_path, *common, f"hydra.sweep.dir={tmp_path / 'second'}")
     study = optuna.load_study(study_name="shakegpt", storage=storage)
     assert len(study.trials) == 6 and study.best_value <= first_best
+    # Optuna's "Best value" is the study's, perhaps a trial of the first sweep: the end says so
+    note = (
+        f"note: study 'shakegpt' in {storage} holds 6 trials, 3 of them from earlier sweeps; Optuna's 'Best value' "
+        f"is the study's best, {study.best_value:.4f} (trial {study.best_trial.number}); this sweep's own jobs are in the table"
+    )
+    assert note in r.stdout and note in (tmp_path / "second" / "summary.md").read_text()
 
 
 def test_a_failing_optuna_trial_fails_alone(tmp_path):
@@ -326,40 +333,40 @@ def _processes_running(marker: str) -> list[int]:
     return pids
 
 
+def start_multirun(cwd, *args) -> subprocess.Popen:
+    """`python train.py -m …` started in the background from `cwd`, its output piped."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *SHRUNK, *args]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_job_log(proc: subprocess.Popen, sweep: Path, pattern: str, seconds: float = 300) -> Path:
+    """Job 0's train.log once it matches `pattern` (the sweep still running)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        logs = list(sweep.glob("0_*/train.log"))
+        if logs and re.search(pattern, logs[0].read_text()):
+            return logs[0]
+        time.sleep(0.2)
+    raise AssertionError(f"job 0 never logged {pattern!r}: " + (proc.stderr.read() if proc.poll() is not None else ""))
+
+
 def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_directory(tmp_path):
     """submitit's local executor runs the job as SLURM would; the test sends the job submitit's
     preemption signal (SIGUSR2, what `job._interrupt()` sends) once it has trained a few steps. The job
     stops at a step, saves interrupted.ckpt, is requeued, and its second run resumes from that step in
     the same directory and finishes the steps asked for."""
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "-m",
-            *SHRUNK,
-            "hydra/launcher=slurm_local",
-            "trainer.max_steps=60",
-            "trainer.val_check_interval=10",
-            "trainer.log_every_n_steps=1",
-            "model/pos_encoding=rope",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = start_multirun(
+        tmp_path,
+        "hydra/launcher=slurm_local",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=10",
+        "trainer.log_every_n_steps=1",
+        "model/pos_encoding=rope",
+        f"hydra.sweep.dir={sweep}",
     )
     try:
-        deadline = time.monotonic() + 300
-        log = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            logs = list(sweep.glob("0_*/train.log"))
-            if logs and re.search(r"step (1[2-9]|[2-5]\d)/60", logs[0].read_text()):
-                log = logs[0]
-                break
-            time.sleep(0.2)
-        assert log is not None, "the job did not get past step 12: " + (proc.stderr.read() if proc.poll() else "")
+        log = wait_for_job_log(proc, sweep, r"step (1[2-9]|[2-5]\d)/60")
         jobs = _processes_running("submitit.core._submit")
         assert len(jobs) == 1, jobs
         os.kill(jobs[0], signal.SIGUSR2)
@@ -382,3 +389,34 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_directory(tmp_p
     assert "Caught signal SIGUSR2" in submitit_logs and "this job is preempted" in submitit_logs
     (result,) = sweep.glob(".submitit/*/*_result.pkl")
     assert pickle.loads(result.read_bytes())[0] == "success"  # submitit's own word on the requeued job
+
+
+def test_an_optuna_trial_stopped_by_ctrl_c_is_marked_failed(tmp_path):
+    """Ctrl-C (a real SIGINT) during an Optuna study's first trial: the sweep stops with 130 and
+    its table, and the trial is FAIL in the study's storage, not RUNNING for good."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep = tmp_path / "sweep"
+    proc = start_multirun(
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "model.d_model=choice(32)",
+        "model.n_layer=choice(1)",
+        "trainer.max_steps=100000",
+        "trainer.log_every_n_steps=1",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    try:
+        wait_for_job_log(proc, sweep, r"step [3-9]\d*/")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped: Ctrl-C (SIGINT) at step" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="shakegpt", storage=storage)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert "Optuna trial(s) 0 marked failed in" in next(sweep.glob("0_*/train.log")).read_text()
