@@ -1,6 +1,7 @@
 """The dependency ranges users install from: the compromised Lightning releases are never admitted,
 and the versions this suite runs with are."""
 
+import os
 from importlib.metadata import version
 
 import pytest
@@ -68,6 +69,10 @@ def test_the_lock_covers_every_dependency_but_torch():
     assert torch_lines and all('sys_platform == "never"' in str(r.marker) for r in torch_lines)
 
 
+@pytest.mark.skipif(
+    not os.environ.get("SHAKEGPT_LOCKED"),
+    reason="installed from the lock only where SHAKEGPT_LOCKED=1 says so (.ci/run); a plain install may be newer",
+)
 def test_this_suite_runs_with_the_locked_versions():
     """In CI, installed from the lock (.ci/run): each locked package that applies here is the installed version."""
     from importlib.metadata import PackageNotFoundError
