@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from shakegpt.run.requeue import preempted_by
 from shakegpt.run.signals import SIGNAL_WORDS, before_first_step
 from shakegpt.training.checkpoint import step_of
 
@@ -67,8 +68,8 @@ def stopping_signal(e: BaseException) -> int | None:
     and Ctrl-C into `sys.exit(1)` raised while handling the KeyboardInterrupt."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    if isinstance(e, SIGTERMException):
-        return signal.SIGTERM
+    if isinstance(e, SIGTERMException):  # SIGTERM's own, or submitit's preemption signal, which stops the same way
+        return preempted_by() or signal.SIGTERM
     if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
         return signal.SIGINT
     return None

@@ -15,6 +15,7 @@ A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -38,6 +39,7 @@ except ImportError:  # Windows: no advisory locks there; runs go unlocked
 from shakegpt.run.console import quoted
 
 MAX_CLAIM_TRIES = 1000
+log = logging.getLogger(__name__)
 
 
 def claim(base: Path) -> Path:
@@ -264,8 +266,7 @@ TORCHRUN_WAIT = timedelta(minutes=10)  # rank 0 checks the config and reads noth
 def agreed_run_dir(rank: int, choose: Callable[[], Path]) -> Path:
     """The run directory every rank of a torchrun job uses: rank 0 chooses it (`choose`), and tells
     the others through the key-value store torchrun's agent already runs at MASTER_ADDR:MASTER_PORT
-    (the one the process group joins later). A worker torchrun restarts finds the key set and
-    continues in the same directory."""
+    (the one the process group joins later). Rank 0 sets the key only where it is not set yet."""
     from torch.distributed import TCPStore
 
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -342,6 +343,18 @@ def fail_interrupted_trials(sweeper: DictConfig) -> list[int]:
     for t in running:
         study._storage.set_trial_state(t._trial_id, TrialState.FAIL)
     return [t.number for t in running]
+
+
+def end_stopped_sweep() -> None:
+    """When a signal stops a sweep's job (before or during training): the sweep ends there, so its
+    table of the jobs so far is written as at its end, and an Optuna trial left RUNNING is marked FAIL."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    hc = HydraConfig.get()
+    write_sweep_summary(Path(hc.sweep.dir), "stopped; its jobs so far, best first")
+    failed = fail_interrupted_trials(hc.sweeper)
+    if failed:
+        log.info("Optuna trial(s) %s marked failed in %s", ", ".join(map(str, failed)), hc.sweeper.storage)
 
 
 def study_note(sweeper: DictConfig, jobs: int) -> str | None:

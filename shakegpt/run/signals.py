@@ -59,19 +59,15 @@ def stopped_before_training(e: KeyboardInterrupt, run_dir: Path | None) -> NoRet
     """End the program for Ctrl-C or SIGTERM outside Lightning's handling: before the first step (one
     line, the run directory's entries removed) or after training (the final sample: the checkpoints
     stay), with the shell's exit code for the signal. `run_dir` is None when none was made yet."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from shakegpt.run.rundir import fail_interrupted_trials, remove_unstarted
+    from shakegpt.run.rundir import end_stopped_sweep, remove_unstarted
 
     signum = getattr(e, "signum", signal.SIGINT)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        fail_interrupted_trials(HydraConfig.get().sweeper)  # an Optuna trial stopped while starting
     if run_dir is not None and any((run_dir / "checkpoints").glob("*.ckpt")):
         line = f"{SIGNAL_WORDS[signum]}; the run's checkpoints are in {run_dir / 'checkpoints'}"
     else:
         line = before_first_step(signum)
         if run_dir is not None:
             remove_unstarted(run_dir)
+    end_stopped_sweep()
     print(f"\nstopped: {line}", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum) from None

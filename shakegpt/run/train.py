@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -32,12 +31,11 @@ from shakegpt.run.failures import describe_failure, describe_interruption, lost_
 from shakegpt.run.hparams import differing, hparams_of, param_counts
 from shakegpt.run.requeue import hand_over_to_submitit, preempted_by, slurm_plugins, stop_on_preemption
 from shakegpt.run.rundir import (
-    fail_interrupted_trials,
+    end_stopped_sweep,
     record_job_failure,
     remove_if_empty,
     run_identity,
     sweeper_records_failures,
-    write_sweep_summary,
 )
 from shakegpt.run.signals import as_interrupt, lightning_takes_sigterm, stopped_before_training
 from shakegpt.run.sweep_ddp import sweep_job
@@ -172,8 +170,6 @@ def train(
         raise
     except (SystemExit, KeyboardInterrupt) as e:
         signum = stopping_signal(e)
-        if signum == signal.SIGTERM and preempted_by() is not None:  # Lightning's stop, asked by submitit's signal
-            signum = preempted_by()
         if signum is None:
             raise
         close_bars(trainer)  # drawn to their end now, so that the line below is the last on the terminal
@@ -221,12 +217,7 @@ def close_bars(trainer: L.Trainer) -> None:
 def stopped(e: RunInterrupted, run_dir: Path) -> None:
     """End the program for a signal mid-run: one line with the command that resumes the run where it
     was, and the exit code 130 or 143."""
-    hc = HydraConfig.get()
-    if hc.mode == RunMode.MULTIRUN:  # the sweep ends here: its table of the jobs so far, as at its end
-        write_sweep_summary(Path(hc.sweep.dir), "stopped; its jobs so far, best first")
-        failed = fail_interrupted_trials(hc.sweeper)
-        if failed:
-            log.info("Optuna trial(s) %s marked failed in %s", ", ".join(map(str, failed)), hc.sweeper.storage)
+    end_stopped_sweep()
     print(f"stopped: {e}; resume with: {resume_command(run_dir)}", file=sys.stderr, flush=True)
     raise SystemExit(e.exit_code)
 
