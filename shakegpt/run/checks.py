@@ -225,6 +225,7 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
         optimizer = cfg.optim.get("name", "adamw")
         check_resumable(cfg.ckpt_path, mcfg, cfg.trainer.max_steps, optimizer=optimizer, vocab_size_unknown=derived)
     check_trainer_with_lightning(cfg.trainer)  # last: it imports Lightning, seconds that a bad value above is spared
+    check_loggers(cfg.get("logger"))
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
         check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(mcfg.to_dict()))
@@ -246,6 +247,25 @@ def take_checked_up_front(output_dir: str | Path) -> bool:
         _checked_up_front.discard(key)
         return True
     return False
+
+
+def check_loggers(loggers: Any) -> None:
+    """A logger whose library is not installed, named before the run starts. A logger class says
+    what it needs with `NEEDS = (module, what to install)` (`shakegpt.training.trackers`)."""
+    import importlib.util
+
+    from hydra.utils import get_class
+
+    for name, node in (loggers or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        module, install = getattr(get_class(str(node["_target_"])), "NEEDS", (None, None))
+        try:
+            found = module is None or importlib.util.find_spec(module) is not None
+        except ValueError:  # a module set to None in sys.modules: as good as missing
+            found = False
+        if not found:
+            raise ConfigError(f"logger={name} needs {module}, which is not installed: pip install '{install}'")
 
 
 def check_trainer_with_lightning(trainer_node: Any) -> None:

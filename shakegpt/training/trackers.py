@@ -76,6 +76,8 @@ class MLflowLogger(OptimizerSteps, MLFlowLogger):
     """Lightning's MLFlowLogger, at optimizer steps, without `epoch`; creating its store and experiment takes turns with other processes.
     With `run_dir`, the MLflow run is named after the run directory and tagged with its path."""
 
+    NEEDS = ("mlflow", "shakegpt[mlflow]")  # checked before a run starts (shakegpt.run.checks.check_loggers)
+
     def __init__(self, *args: Any, run_dir: str | None = None, **kwargs: Any):
         if run_dir is not None:
             kwargs.setdefault("run_name", Path(run_dir).name)

@@ -243,3 +243,14 @@ def test_a_value_check_remembers_only_what_passed():
             check_optim({**good, "lr": -0.00123})
     check_optim({**good, "lr": 1})  # an int 1 is another value than 0.00123: checked
     assert check_optim.runs == runs + 4
+
+
+def test_a_logger_whose_library_is_missing_is_named_before_the_run(make_cfg, tmp_path, monkeypatch):
+    import sys
+
+    cfg = make_cfg("logger=[tensorboard,mlflow]")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the mlflow extra were not installed
+    with pytest.raises(ConfigError) as info:
+        check_train_config(cfg, tmp_path / "run")
+    assert str(info.value) == "logger=mlflow needs mlflow, which is not installed: pip install 'shakegpt[mlflow]'"
+    assert not (tmp_path / "run").exists()
