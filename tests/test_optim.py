@@ -116,8 +116,8 @@ def test_muon_trains_resumes_and_is_not_resumed_as_adamw(make_cfg, tmp_path):
     second = tmp_path / "second"
     resumed = train(compose_cfg(second, *common, "trainer.max_steps=6", f"ckpt_path={first}"))
     assert math.isfinite(whole["val/loss"]) and resumed["val/loss"] == pytest.approx(whole["val/loss"], abs=1e-6)
-    a = [(s, v) for s, v, _ in read_scalars(tmp_path / "tensorboard")["train/loss"] if s > 3]
-    b = [(s, v) for s, v, _ in read_scalars(second / "tensorboard")["train/loss"]]
+    a = [(s, v) for s, v, _ in read_scalars(tmp_path)["train/loss"] if s > 3]
+    b = [(s, v) for s, v, _ in read_scalars(second)["train/loss"]]
     assert [s for s, _ in a] == [s for s, _ in b] and [v for _, v in a] == pytest.approx([v for _, v in b], abs=1e-6)
     with pytest.raises(ConfigError, match="optim=muon there, adamw here: its optimizer state is another optimizer's"):
         train(compose_cfg(tmp_path / "third", "optim=adamw", "trainer.max_steps=6", f"ckpt_path={first}"))

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from shakegpt.errors import JOB_ERROR_FILE, ConfigError, exit_on_user_error
 from shakegpt.run.configs import checkout
-from shakegpt.run.records import _job_overrides, last_sample, read_scalars, run_hparams, summarize
+from shakegpt.run.records import EVENT_FILES, _job_overrides, is_run, last_sample, read_scalars, run_hparams, summarize
 
 
 def reference_dir() -> Path:
@@ -116,9 +116,9 @@ def keep(
         Path(dest_root).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest_root, prefix=f".{name}-") as tmp:
             new = Path(tmp) / name
-            (new / "tensorboard").mkdir(parents=True)
-            for f in (run_dir / "tensorboard").glob("events.out.tfevents.*"):
-                shutil.copy2(f, new / "tensorboard" / f.name)
+            new.mkdir(parents=True)
+            for f in [*run_dir.glob(EVENT_FILES), *run_dir.glob(f"tensorboard/{EVENT_FILES}")]:
+                shutil.copy2(f, new / f.name)  # beside the rest, so TensorBoard names the run by its folder
             shutil.copy2(config, new / "config.yaml")
             shutil.copy2(run_dir / ".hydra" / "overrides.yaml", new / "overrides.yaml")
             if (run_dir / "train.log").is_file():
@@ -335,12 +335,12 @@ def runs_to_plot(paths: list[str | Path]) -> list[tuple[str, Path]]:
             raise ConfigError(
                 f"{path} is not a directory; give run directories, a sweep directory or outputs/reference"
             )
-        if any(path.glob("events.out.tfevents.*")) or (path / "tensorboard").is_dir():
+        if is_run(path):
             found.append((path.name, path, {}))
             continue
-        children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "tensorboard").is_dir())
+        children = sorted(p for p in path.iterdir() if p.is_dir() and is_run(p))
         if not children:
-            raise ConfigError(f"{path} holds no runs (no tensorboard/ folder in it or in its sub-directories)")
+            raise ConfigError(f"{path} holds no runs (no run's record or event files in it or in its sub-directories)")
         for child in children:
             overrides_file = child / ".hydra" / "overrides.yaml"
             overrides = (

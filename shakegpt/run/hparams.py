@@ -44,12 +44,12 @@ PRESET_GROUPS = ("model", "experiment")
 
 
 def differing(params: dict[str, Any], cfg: DictConfig, choices: dict[str, str] | None, keys: list[str]) -> list[str]:
-    """The names in `params` of the settings that tell this run from its neighbours: the preset
-    names, then the keys of `keys` (what a sweep varies, or a run's command-line overrides, as
-    Hydra writes them: `optim.lr`, `model/pos_encoding`, `+trainer.foo`). A key the flat dict lacks
-    (`trainer.val_check_interval`, a group such as `data`) is added to `params` with its value.
-    Hydra's own keys are left out."""
-    names = [f"preset.{g}" for g in PRESET_GROUPS if f"preset.{g}" in params]
+    """The names in `params` of the settings that tell this run from its neighbours: the keys of
+    `keys` (what a sweep varies, or a run's command-line overrides, as Hydra writes them:
+    `optim.lr`, `model/pos_encoding`, `+trainer.foo`), a preset as `preset.<group>`. A key the flat
+    dict lacks (`trainer.val_check_interval`, a group such as `data`) is added to `params` with its
+    value. Hydra's own keys are left out."""
+    names: list[str] = []
     for raw in keys:
         key = raw.lstrip("+~")
         if key.startswith("hydra.") or key.startswith("hydra/"):

@@ -15,17 +15,25 @@ from shakegpt.errors import JOB_ERROR_FILE, ConfigError
 from shakegpt.training.record import RECORD_FILE
 
 MAX_ERROR_CHARS = 120  # of a failed job's error, in a sweep's table
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, in the run directory itself
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a run's directory: its record, its event files, or (runs made before the
+    event files were written beside the checkpoints) a tensorboard/ folder."""
+    return (path / RECORD_FILE).is_file() or any(path.glob(EVENT_FILES)) or (path / "tensorboard").is_dir()
 
 
 def _events(run_dir: str | Path):
-    """A loaded EventAccumulator of a run directory or of its tensorboard/ folder."""
+    """A loaded EventAccumulator of a run directory (its event files, or a tensorboard/ folder's in runs
+    made before they were written beside the checkpoints)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # not its "No path found after …" notes
 
     run_dir = Path(run_dir)
     tb = run_dir / "tensorboard" if (run_dir / "tensorboard").is_dir() else run_dir
-    if not any(tb.glob("events.out.tfevents.*")):
+    if not any(tb.glob(EVENT_FILES)):
         raise ConfigError(
             f"no {RECORD_FILE} nor TensorBoard event files in {run_dir}; give a run directory made by train.py"
         )
@@ -51,7 +59,7 @@ def _record(run_dir: str | Path) -> list[dict] | None:
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float, float]]]:
     """Every scalar a run logged: tag -> [(step, value, seconds since the run's first entry)], in
-    step order. `run_dir` is a run directory (its record, else its event files) or a tensorboard/ folder."""
+    step order. `run_dir` is a run directory (its record, else its event files) or a folder of event files."""
     entries = _record(run_dir)
     if entries is None:
         return _tensorboard_scalars(run_dir)

@@ -37,6 +37,7 @@ try:
 except ImportError:  # Windows: no advisory locks there; runs go unlocked
     fcntl = None
 from shakegpt.run.console import quoted
+from shakegpt.run.records import EVENT_FILES
 
 MAX_CLAIM_TRIES = 1000
 log = logging.getLogger(__name__)
@@ -390,7 +391,7 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 # what a run writes into its directory before its first step; a stopped run's directory is emptied of these only
-RUN_ENTRIES = (".hydra", "train.log", "tensorboard", "csv", "record.jsonl", "checkpoints", LOCK_FILE)
+RUN_ENTRIES = (".hydra", "train.log", "csv", "hparams.yaml", "record.jsonl", "checkpoints", LOCK_FILE)
 
 
 def remove_unstarted(run_dir: Path) -> None:
@@ -398,8 +399,7 @@ def remove_unstarted(run_dir: Path) -> None:
     in it (a directory given with hydra.run.dir may hold a user's own files: those stay)."""
     if not run_dir.is_dir() or any((run_dir / "checkpoints").glob("*.ckpt")):
         return
-    for name in RUN_ENTRIES:
-        path = run_dir / name
+    for path in [run_dir / name for name in RUN_ENTRIES] + list(run_dir.glob(EVENT_FILES)):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         elif path.exists():

@@ -1,5 +1,5 @@
 """The HParams plugin's records, written as TensorBoard reads them. torch's own `hparams()` writes
-booleans as numbers (shown as 0.0000), marks no setting as differing and names no run, so the
+booleans as numbers (shown as 0.0000), makes a column of every setting and names no run, so the
 protocol buffers are built here (the HParams plugin's own helpers need TensorFlow)."""
 
 from __future__ import annotations
@@ -23,16 +23,19 @@ def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
 def _value(v: Any) -> tuple[struct_pb2.Value, int]:
     if isinstance(v, bool):  # before int: a bool is an int to Python
         return struct_pb2.Value(bool_value=v), api_pb2.DATA_TYPE_BOOL
-    if isinstance(v, (int, float)):
-        return struct_pb2.Value(number_value=float(v)), api_pb2.DATA_TYPE_FLOAT64
+    if isinstance(v, int):  # the tab prints every number to five digits (32.000): an integer as its digits
+        return struct_pb2.Value(string_value=str(v)), api_pb2.DATA_TYPE_STRING
+    if isinstance(v, float):
+        return struct_pb2.Value(number_value=v), api_pb2.DATA_TYPE_FLOAT64
     return struct_pb2.Value(string_value="null" if v is None else str(v)), api_pb2.DATA_TYPE_STRING
 
 
 def hparams_start(
     params: dict[str, Any], differing: list[str], metrics: tuple[tuple[str, str], ...], name: str = ""
 ) -> list[Summary]:
-    """The experiment (every setting, the `differing` ones first and marked; the metric columns)
-    and this run's session start (its values and its name in the table)."""
+    """The experiment (a column for each of the `differing` settings, marked so, then the metric
+    columns) and this run's session start (the values of all its settings, so that another run's
+    columns find them, and its name in the table)."""
     start = plugin_data_pb2.HParamsPluginData()
     start.session_start_info.group_name = name
     start.session_start_info.start_time_secs = time.time()
@@ -40,7 +43,8 @@ def hparams_start(
     for key in differing + sorted(k for k in params if k not in differing):
         value, kind = _value(params[key])
         start.session_start_info.hparams[key].CopyFrom(value)
-        infos.append(api_pb2.HParamInfo(name=key, type=kind, differs=key in differing))
+        if key in differing:
+            infos.append(api_pb2.HParamInfo(name=key, type=kind, differs=True))
     experiment = plugin_data_pb2.HParamsPluginData(
         experiment=api_pb2.Experiment(
             hparam_infos=infos,

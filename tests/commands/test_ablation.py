@@ -110,7 +110,7 @@ def fake_ablation(root: Path, jobs) -> Path:
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- experiment=ablation\n- ablation={option}\n- seed={seed}\n")
         if losses:
-            with SummaryWriter(job / "tensorboard") as w:
+            with SummaryWriter(job) as w:
                 for i, v in enumerate(losses):
                     w.add_scalar("val/loss", v, 100 * (i + 1))
     return sweep

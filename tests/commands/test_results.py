@@ -41,12 +41,13 @@ def test_summary_matches_what_training_returned(trained_run):
 def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
     run_dir, cfg, metrics = hydra_run
     dest = keep(run_dir, "v3-test", "python train.py model=v3", tmp_path / "ref", note="a test")
+    events = [p.name for p in run_dir.glob("events.out.tfevents.*")]  # beside the rest: the run named by its folder
     assert sorted(p.name for p in dest.iterdir()) == [
         "config.yaml",
+        *events,
         "metrics.json",
         "overrides.yaml",
         "sample.txt",
-        "tensorboard",
     ]
     assert not list(dest.rglob("*.ckpt"))
     m = json.loads((dest / "metrics.json").read_text())
@@ -78,9 +79,8 @@ def test_keep_never_replaces_a_kept_run_without_force(hydra_run, tmp_path):
     # a run that cannot be kept (it never validated) leaves the kept one whole, even with --force
     unvalidated = tmp_path / "unvalidated"
     shutil.copytree(run_dir / ".hydra", unvalidated / ".hydra")
-    (unvalidated / "tensorboard").mkdir()
-    shutil.copy2(next((run_dir / "tensorboard").glob("events.*")), unvalidated / "tensorboard")
-    for f in (unvalidated / "tensorboard").iterdir():  # an event file with no scalars
+    shutil.copy2(next(run_dir.glob("events.*")), unvalidated)
+    for f in unvalidated.glob("events.*"):  # an event file with no scalars
         f.write_bytes(f.read_bytes()[:0])
     with pytest.raises(ConfigError):
         keep(unvalidated, "v3-x", "broken", ref, overwrite=True)
@@ -113,7 +113,7 @@ SHORT_COMMANDS = {"nanogpt-ema": ["model=nanogpt", "experiment=nanogpt_ema"]}
 
 
 def text_samples(run_dir: Path) -> list[tuple[int, str]]:
-    return texts(load_run(run_dir / "tensorboard"), "sample/text_summary")
+    return texts(load_run(run_dir), "sample/text_summary")
 
 
 def assert_trains_as_kept(ref: Path, overrides: list[str]) -> None:
@@ -227,7 +227,7 @@ def test_a_sweep_table_lists_jobs_best_first_with_what_differs(tmp_path):
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- model=v3\n")
         if losses:  # job 2 failed before it validated: no event file
-            with SummaryWriter(job / "tensorboard") as w:
+            with SummaryWriter(job / "tensorboard") as w:  # where earlier runs wrote them: still read
                 for i, v in enumerate(losses):
                     w.add_scalar("val/loss", v, 10 * (i + 1))
     assert sweep_table(tmp_path).splitlines() == [
@@ -248,7 +248,7 @@ def _fake_sweep(root: Path) -> Path:
         job = sweep / f"{num}_optim.lr={lr}"
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- model=v3\n")
-        with SummaryWriter(job / "tensorboard") as w:
+        with SummaryWriter(job) as w:
             for i, v in enumerate(losses):
                 w.add_scalar("val/loss", v, 10 * (i + 1))
     return sweep

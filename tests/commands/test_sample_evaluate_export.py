@@ -142,7 +142,7 @@ def test_sample_cli_missing_checkpoint(tmp_path):
 
 def test_eval_gives_the_numbers_training_logged(trained_run):
     out, cfg, _ = trained_run
-    logged = dict(scalars(load_run(out / "tensorboard"), "val/loss"))  # {step: val loss}
+    logged = dict(scalars(load_run(out), "val/loss"))  # {step: val loss}
     best = resolve_checkpoint(out)
     step = torch.load(best, weights_only=True)["global_step"]
     data = {"path": str(TINY), "batch_size": cfg.data.batch_size, "seq_len": None}

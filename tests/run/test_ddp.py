@@ -44,7 +44,7 @@ def test_two_cpu_processes_then_resume(tmp_path):
     assert r.stdout.count("--- sample after 6 steps ---") == 1  # rank 0 alone prints
 
     # one run directory, one TensorBoard run, checkpoints written once
-    events = list((first / "tensorboard").glob("events.out.tfevents.*"))
+    events = list(first.glob("events.out.tfevents.*"))
     assert len(events) == 1
     ckpts = sorted(p.name for p in (first / "checkpoints").iterdir())
     assert len(ckpts) == 2 and "last.ckpt" in ckpts
@@ -53,7 +53,7 @@ def test_two_cpu_processes_then_resume(tmp_path):
     assert last["hyper_parameters"]["model"]["d_model"] == 384
 
     # the reduced val loss is the exact full-pass loss, as one process computes it
-    ea = load_run(first / "tensorboard")
+    ea = load_run(first)
     logged = scalars(ea, "val/loss")[-1][1]
     module = LitGPT.load_from_checkpoint(first / "checkpoints" / "last.ckpt").eval()
     from shakegpt.training.data import CharDataModule
@@ -77,7 +77,7 @@ def test_two_cpu_processes_then_resume(tmp_path):
     )
     assert "- step 9/9:" in (second / "train.log").read_text()
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
-    steps = [s for s, _ in scalars(load_run(second / "tensorboard"), "train/loss")]
+    steps = [s for s, _ in scalars(load_run(second), "train/loss")]
     assert min(steps) >= 7 and max(steps) == 9, steps  # steps 7..9, after the 6 of the checkpoint
 
 
@@ -134,7 +134,7 @@ def test_torchrun_starts_two_ranks_that_share_one_run_directory(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in r.stderr and "GLOBAL_RANK: 1, MEMBER: 2/2" in r.stderr
     (run,) = (tmp_path / "outputs" / "runs").iterdir()  # one directory, not one per rank
-    assert {p.name for p in run.iterdir()} >= {".hydra", "train.log", "train_rank_1.log", "checkpoints", "tensorboard"}
+    assert {p.name for p in run.iterdir()} >= {".hydra", "train.log", "train_rank_1.log", "checkpoints"}
     assert r.stdout.count("--- sample after 4 steps ---") == 1  # rank 0 alone prints
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1

@@ -47,7 +47,7 @@ def test_same_seed_same_config_same_run(tmp_path):
     for name in ("a", "b"):
         cfg = compose_cfg(tmp_path / name, "model.dropout=0.1", "trainer.max_steps=6", "trainer.val_check_interval=3")
         train(cfg)
-        runs.append(read_scalars(tmp_path / name / "tensorboard"))
+        runs.append(read_scalars(tmp_path / name))
     for tag in ("train/loss", "val/loss"):
         a, b = ([(step, value) for step, value, _ in r[tag]] for r in runs)
         assert len(a) >= 2 and a == b, tag  # bit for bit, on the CPU
@@ -137,7 +137,7 @@ def test_kill_9_then_resume_continues_the_same_curve(tmp_path, optim):
         capture_output=True,
         timeout=600,
     )
-    a, b = read_scalars(whole / "tensorboard"), read_scalars(resumed / "tensorboard")
+    a, b = read_scalars(whole), read_scalars(resumed)
     after = {tag: [(s, v) for s, v, _ in a[tag] if s > resumed_from] for tag in ("train/loss", "val/loss")}
     again = {tag: [(s, v) for s, v, _ in b[tag]] for tag in ("train/loss", "val/loss")}
     assert again["train/loss"][0][0] == resumed_from + 1  # the resumed run's first step follows the checkpoint's
@@ -156,13 +156,13 @@ def test_a_new_run_in_a_used_directory_is_refused_and_changes_nothing(tmp_path):
     """Only ckpt_path resumes, and a new run never writes over another run's checkpoints."""
     train(compose_cfg(tmp_path, "trainer.max_steps=4", "trainer.val_check_interval=4"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
-    events = sorted((tmp_path / "tensorboard").iterdir())
+    events = sorted(tmp_path.glob("events.*"))
     with pytest.raises(
         ConfigError, match=r"already holds another run's checkpoints \(best-step000004-val.*, last.ckpt\)"
     ):
         train(compose_cfg(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6"))
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
-    assert sorted((tmp_path / "tensorboard").iterdir()) == events
+    assert sorted(tmp_path.glob("events.*")) == events
     # resuming it in place is allowed, and a run directory means its latest state
     train(compose_cfg(tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=6", f"ckpt_path={tmp_path}"))
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
@@ -230,7 +230,7 @@ def test_resume_takes_the_state_from_the_checkpoint_and_the_settings_from_the_co
     assert ckpt["hyper_parameters"]["lr"] == 5e-4
     first_best = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)["best_val_loss"]
     assert ckpt["best_val_loss"] <= first_best  # the best so far came along
-    params, _ = hparams(load_run(second / "tensorboard"))
+    params, _ = hparams(load_run(second))
     assert params["optim.lr"] == pytest.approx(5e-4) and params["optim.weight_decay"] == pytest.approx(0.5)
     assert params["model.dropout"] == pytest.approx(0.1) and ckpt["hyper_parameters"]["model"]["dropout"] == 0.1
     # the moments come from the checkpoint: the first run's step count is in the optimizer state
@@ -261,7 +261,7 @@ def test_a_run_directory_resumes_from_its_latest_state(tmp_path, trained_run):
         torch.save(ckpt, later / name)
     assert resolve_resume(tmp_path) == later / "interrupted.ckpt"  # Ctrl-C after the last validation
     with pytest.raises(CheckpointError, match="is a directory without last.ckpt or interrupted.ckpt"):
-        resolve_resume(out / "tensorboard")
+        resolve_resume(out / ".hydra")
 
 
 def _fail_writes_after(monkeypatch, n_ok: int, err: int = errno.ENOSPC):
@@ -400,5 +400,5 @@ def test_a_crash_mid_run_saves_its_state_and_names_it(tmp_path, monkeypatch):
         f"resume with ckpt_path={tmp_path}"
     )
     assert resolve_resume(tmp_path) == interrupted  # later than last.ckpt (step 2)
-    assert hparams_view(load_run(tmp_path / "tensorboard"))[2] == "STATUS_FAILURE"  # the HParams tab says so
+    assert hparams_view(load_run(tmp_path))[2] == "STATUS_FAILURE"  # the HParams tab says so
     assert torch.load(interrupted, weights_only=True)["optimizer_states"]

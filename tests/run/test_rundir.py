@@ -113,7 +113,7 @@ def test_two_runs_started_together_get_their_own_directories(tmp_path):
     for run in runs:
         assert run.name.endswith(("_quickstart", "_quickstart-2")), run.name
         assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"
-        assert len(list((run / "tensorboard").glob("events.*"))) == 1  # one run's events each
+        assert len(list(run.glob("events.*"))) == 1  # one run's events each
         assert (run / ".hydra" / "config.yaml").is_file()
 
 

@@ -57,7 +57,8 @@ def test_a_run_stopped_before_its_first_step_leaves_only_what_was_there(tmp_path
     run = tmp_path / "given"  # a directory given with hydra.run.dir, holding a file of the user's
     (run / ".hydra").mkdir(parents=True)
     (run / "train.log").write_text("x")
-    (run / "tensorboard").mkdir()
+    (run / "events.out.tfevents.1.host").write_bytes(b"")
+    (run / "hparams.yaml").write_text("x")
     (run / "notes.txt").write_text("mine")
     remove_unstarted(run)
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ..conftest import ROOT, TINY
 from ..tb import hparams, load_run, scalars
@@ -62,7 +63,7 @@ def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
     for job in sweep.iterdir():
         if not job.is_dir():
             continue
-        ea = load_run(job / "tensorboard")
+        ea = load_run(job)
         params, metric_tags = hparams(ea)
         encodings.add(params["model.pos_encoding"])
         assert "val/loss_best" in metric_tags and scalars(ea, "val/loss_best")
@@ -96,9 +97,9 @@ def test_ddp_inside_a_sweep_runs_each_job_once_as_two_ranks(tmp_path):
         assert not (job / "multirun.yaml").exists() and not any(
             p.is_dir() and p.name[0].isdigit() for p in job.iterdir()
         )
-        ea = load_run(job / "tensorboard")
+        ea = load_run(job)
         params, _ = hparams(ea)
-        assert params["model.d_model"] == d_model and params["trainer.devices"] == 2
+        assert params["model.d_model"] == str(d_model) and params["trainer.devices"] == "2"
         assert len(scalars(ea, "val/loss")) == 2
 
 
@@ -183,8 +184,8 @@ def test_two_nodes_over_loopback_form_one_group(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outs[0][1] and "GLOBAL_RANK: 1, MEMBER: 2/2" in outs[1][1]
-    assert len(scalars(load_run(tmp_path / "node0" / "tensorboard"), "val/loss")) == 2
-    assert not (tmp_path / "node1" / "tensorboard").exists()  # only global rank 0 writes
+    assert len(scalars(load_run(tmp_path / "node0"), "val/loss")) == 2
+    assert not list((tmp_path / "node1").glob("events.*"))  # only global rank 0 writes
 
 
 SCALAR_TAGS = {  # what every run writes, as docs/watching.md lists it
@@ -232,25 +233,24 @@ def test_live_tensorboard_shows_which_job_is_which_and_how_it_did(tmp_path):
             assert g["hparams"]["model.bias"] is False and g["hparams"]["optim.lr"] == 0.002
             metrics = {m["name"]["tag"]: m["value"] for m in g["metricValues"]}
             job = next(sweep.glob(f"*model-pos_encoding={g['hparams']['model.pos_encoding']}*"))
-            logged = [v for _, v in scalars(load_run(job / "tensorboard"), "val/loss")]
+            batch = OmegaConf.load(job / ".hydra" / "config.yaml").data.batch_size
+            assert g["hparams"]["data.batch_size"] == str(batch)  # an integer as its digits, not 32.000
+            logged = [v for _, v in scalars(load_run(job), "val/loss")]
             assert metrics["val/loss_best"] == pytest.approx(min(logged), rel=1e-6)
             assert metrics["val/loss"] == pytest.approx(logged[-1], rel=1e-6)
         experiment = ask("plugin/hparams/experiment", {})
         infos = experiment["hparamInfos"]
-        # the tab shows the first five columns: the swept key and the presets come first, marked
-        assert [(h["name"], h.get("differs", False)) for h in infos[:4]] == [
-            ("model.pos_encoding", True),
-            ("preset.experiment", True),  # experiment=smoke
-            ("preset.model", True),
-            ("data.batch_size", False),
+        # a column for what the sweep varies, nothing for the settings every job shares
+        assert [(h["name"], h.get("differs", False), h["type"]) for h in infos] == [
+            ("model.pos_encoding", True, "DATA_TYPE_STRING")
         ]
-        assert {h["name"]: h["type"] for h in infos}["model.bias"] == "DATA_TYPE_BOOL"
         assert [(m["name"]["tag"], m["displayName"]) for m in experiment["metricInfos"]] == [
             ("val/loss_best", "best val loss"),
             ("val/loss", "last val loss"),
         ]
         tags = ask("plugin/scalars/tags")
-        assert len(tags) == 2 and all("tensorboard" in run for run in tags)
+        # each job's run named by its own directory (0_model-pos_encoding=learned), not …/tensorboard
+        assert sorted(tags) == sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
         assert all(set(t) == SCALAR_TAGS for t in tags.values()), tags
         layout = ask("plugin/custom_scalars/layout")
         charts = {c["title"]: c["multiline"]["tag"] for cat in layout["category"] for c in cat["chart"]}
@@ -291,7 +291,7 @@ def test_submitit_local_executor_runs_a_sweep_and_returns_results(tmp_path):
         returned[next(o for o in ret.overrides if o.startswith("model/pos_encoding="))] = ret.return_value
     for job in (p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
         enc = "learned" if "pos_encoding=learned" in job.name else "none"
-        best = scalars(load_run(job / "tensorboard"), "val/loss_best")[-1][1]
+        best = scalars(load_run(job), "val/loss_best")[-1][1]
         assert returned[f"model/pos_encoding={enc}"] == pytest.approx(best)
 
 
@@ -305,7 +305,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
         f"hydra.sweep.dir={sweep}",
     )
     jobs = [p for p in sweep.iterdir() if p.is_dir()]
-    assert len(jobs) == 2 and all(len(scalars(load_run(j / "tensorboard"), "val/loss")) == 2 for j in jobs)
+    assert len(jobs) == 2 and all(len(scalars(load_run(j), "val/loss")) == 2 for j in jobs)
 
 
 def test_a_sweep_with_the_csv_logger_alone_ends_with_its_table(tmp_path):
@@ -317,7 +317,7 @@ def test_a_sweep_with_the_csv_logger_alone_ends_with_its_table(tmp_path):
     assert all("**" in row and "failed" not in row for row in table[2:]), table
     assert "\n".join(table) in r.stdout
     for job in (p for p in sweep.iterdir() if p.is_dir()):
-        assert (job / "csv" / "metrics.csv").is_file() and not (job / "tensorboard").exists()
+        assert (job / "csv" / "metrics.csv").is_file() and not list(job.glob("events.*"))
 
 
 def _processes_running(marker: str) -> list[int]:
@@ -383,7 +383,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_directory(tmp_p
     text = log.read_text()
     said = f"stopped: SIGUSR2 (submitit: the job is preempted or near its time limit) at step {stopped_at}; its state"
     assert said in text and f"resuming at step {stopped_at}" in text and "requeued by submitit" in text
-    steps = sorted(s for s, _ in scalars(load_run(job / "tensorboard"), "train/loss"))
+    steps = sorted(s for s, _ in scalars(load_run(job), "train/loss"))
     assert steps[-1] == 60 and len(set(steps)) == 60  # every step logged once, none twice
     submitit_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
     assert "Caught signal SIGUSR2" in submitit_logs and "this job is preempted" in submitit_logs

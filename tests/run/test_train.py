@@ -27,14 +27,14 @@ def run(trained_run):
 def test_run_returns_its_metrics(run):
     """What train() returns (and a sweeper minimizes) is what the run logged: the best and the last val loss."""
     out, _, metrics = run
-    logged = [v for _, v in scalars(load_run(out / "tensorboard"), "val/loss")]
+    logged = [v for _, v in scalars(load_run(out), "val/loss")]
     assert len(logged) == 2
     assert metrics["val/loss_best"] == pytest.approx(min(logged)) and metrics["val/loss"] == pytest.approx(logged[-1])
 
 
 def test_tensorboard_has_scalars_hparams_and_samples(run):
     out, _, metrics = run
-    ea = load_run(out / "tensorboard")
+    ea = load_run(out)
     tags = set(ea.Tags()["scalars"])
     for tag in (
         "train/loss",
@@ -56,13 +56,13 @@ def test_tensorboard_has_scalars_hparams_and_samples(run):
     assert scalars(ea, "val/loss_best")[-1][1] == pytest.approx(metrics["val/loss_best"])
     params, metric_tags = hparams(ea)
     assert "val/loss_best" in metric_tags and "hp_metric" not in tags
-    assert params["model.d_model"] == 128 and params["preset.model"] == "quickstart"
+    assert params["model.d_model"] == "128" and params["preset.model"] == "quickstart"  # an integer as its digits
     assert params["model.bias"] is False and params["model.pos_encoding"] == "rope"  # as themselves
     # the vocabulary is the tiny corpus's characters + <unk> (model.vocab_size is derived), and so the size
     vocab_size = len(set(TINY.read_text(encoding="utf-8"))) + 1
-    assert params["model.vocab_size"] == vocab_size < SHAKESPEARE_VOCAB
-    assert params["params_exact"] == 410_752 - (SHAKESPEARE_VOCAB - vocab_size) * 2 * 128  # embedding and head
-    assert params["params_original_formula"] > 0
+    assert int(params["model.vocab_size"]) == vocab_size < SHAKESPEARE_VOCAB
+    assert int(params["params_exact"]) == 410_752 - (SHAKESPEARE_VOCAB - vocab_size) * 2 * 128  # embedding and head
+    assert int(params["params_original_formula"]) > 0
     samples = texts(ea, "sample/text_summary")
     assert len(samples) == 2 and all(len(t) > 20 for _, t in samples)
 
@@ -92,7 +92,7 @@ def test_val_loss_is_the_exact_full_pass(run):
     y = torch.stack([ids[i * T + 1 : i * T + T + 1] for i in range(n)])
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(module(x).flatten(0, 1), y.flatten()).item()
-    ea = load_run(out / "tensorboard")
+    ea = load_run(out)
     assert scalars(ea, "val/loss")[-1][1] == pytest.approx(loss, abs=1e-5)
 
 
@@ -160,11 +160,11 @@ def test_command_line_run_prints_log_line_and_sample(tmp_path):
         f"sample   python -m shakegpt sample ckpt_path={out}",
         f"resume   this run's command + ckpt_path={out} trainer.max_steps=<more>",
     ]
-    # TensorBoard's HParams tab: the run by its directory's name, its command-line keys first
-    differs, name, status = hparams_view(load_run(out / "tensorboard"))
+    # TensorBoard's HParams tab: the run by its directory's name, a column for each command-line key
+    differs, name, status = hparams_view(load_run(out))
     assert (name, status) == ("cli", "STATUS_SUCCESS")
     assert differs == [
-        *("preset.model", "data.path", "data.seq_len", "data.batch_size", "trainer.max_steps"),
+        *("data.path", "data.seq_len", "data.batch_size", "trainer.max_steps"),
         "trainer.val_check_interval",
         "sample.num_chars",
     ]
@@ -242,17 +242,17 @@ def test_a_diverging_run_stops_naming_the_step(make_cfg, tmp_path):
 
 def test_the_keys_that_set_a_run_apart_come_first_in_its_hparams(tmp_path):
     """Overrides name keys as Hydra writes them; each becomes a column of the HParams tab, found or
-    added with its value, after the preset names; Hydra's own keys are left out."""
+    added with its value, a preset as preset.<group>; Hydra's own keys are left out."""
     cfg = compose_cfg(tmp_path, "trainer.val_check_interval=7")
     choices = {"model": "quickstart", "data": "default"}
     params = hparams_of(cfg, choices)
     keys = ["optim.lr", "model/pos_encoding", "trainer.val_check_interval", "data", "+hydra.run.dir", "model"]
     assert differing(params, cfg, choices, keys) == [
-        "preset.model",
         "optim.lr",
         "model.pos_encoding",
         "trainer.val_check_interval",
         "preset.data",
+        "preset.model",
     ]
     assert params["trainer.val_check_interval"] == 7 and params["preset.data"] == "default"
     assert not any(k.startswith("hydra") for k in params)

@@ -18,7 +18,7 @@ def test_the_record_holds_what_tensorboard_and_csv_hold(make_cfg, tmp_path):
     cfg = make_cfg("logger=[tensorboard,csv]", "trainer.max_steps=6", "trainer.val_check_interval=3")
     metrics = train(cfg)
     record = read_scalars(tmp_path)
-    tb = load_run(tmp_path / "tensorboard")
+    tb = load_run(tmp_path)
     for tag in ("val/loss", "train/loss"):
         ours = [(s, round(v, 5)) for s, v, _ in record[tag]]
         assert ours == [(s, round(v, 5)) for s, v in scalars(tb, tag)], tag
@@ -36,7 +36,7 @@ def test_the_record_holds_what_tensorboard_and_csv_hold(make_cfg, tmp_path):
 def test_with_the_csv_logger_alone_nothing_of_tensorboard_is_written(make_cfg, tmp_path, capsys):
     cfg = make_cfg("logger=csv", "trainer.max_steps=4")
     train(cfg)
-    assert not (tmp_path / "tensorboard").exists() and (tmp_path / "csv" / "metrics.csv").is_file()
+    assert not list(tmp_path.glob("events.out.tfevents.*")) and (tmp_path / "csv" / "metrics.csv").is_file()
     assert summarize(tmp_path)["steps"] == 4 and last_sample(tmp_path)
     assert "Traceback" not in capsys.readouterr().err
 
@@ -102,7 +102,7 @@ def test_the_csv_logger_gets_the_settings_tensorboard_shows(make_cfg, tmp_path):
 
     cfg = make_cfg("logger=[tensorboard,csv]", "trainer.max_steps=2", "trainer.val_check_interval=2")
     train(cfg)
-    tb_params, _ = hparams(load_run(tmp_path / "tensorboard"))
+    tb_params, _ = hparams(load_run(tmp_path))
     saved = yaml.safe_load((tmp_path / "csv" / "hparams.yaml").read_text())
     assert "model.d_model" in tb_params
     assert all(_same_value(str(saved[k]), v) for k, v in tb_params.items()), saved
@@ -127,7 +127,7 @@ def test_mlflow_holds_the_metrics_and_settings_tensorboard_holds(make_cfg, tmp_p
     (run,) = client.search_runs([client.get_experiment_by_name("shakegpt").experiment_id])
     assert run.info.run_name == tmp_path.name and run.data.tags["run_dir"] == str(tmp_path)
     assert run.info.status == "FINISHED"
-    tb = load_run(tmp_path / "tensorboard")
+    tb = load_run(tmp_path)
     for tag in ("val/loss", "train/loss", "val/loss_best", "train/lr"):
         history = sorted((m.step, round(m.value, 5)) for m in client.get_metric_history(run.info.run_id, tag))
         assert history == [(s, round(v, 5)) for s, v in scalars(tb, tag)], tag
