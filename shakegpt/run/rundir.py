@@ -15,6 +15,7 @@ A directory given on the command line (`hydra.run.dir=…`, `hydra.sweep.dir=…
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -151,8 +152,10 @@ def claimed_run_dir(forget: bool = False) -> Path | None:
 
 class PrepareRun(Callback):
     """Before Hydra makes a run's directory: check the whole config (one line naming the bad value,
-    nothing created), then claim a directory no other run uses. For a sweep, claim its directory;
-    each job's config is checked when the job starts, so one bad job fails alone."""
+    nothing created), then claim a directory no other run uses. For a sweep, claim its directory; a
+    grid sweep's jobs are all checked first (a bad one refuses the sweep before any job runs), and a
+    sweeper that picks its jobs as it goes (Optuna) has each job checked when it starts, so that a
+    bad one fails alone."""
 
     claimed: Path | None = None  # the single run's directory, once claimed (`claimed_run_dir`)
 
@@ -189,6 +192,9 @@ class PrepareRun(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._tell_jobs_what_is_swept(config)
+        jobs = grid_jobs(config)
+        if jobs:
+            refuse_bad_jobs(config, jobs)
         if given_on_command_line(config, "hydra.sweep.dir"):
             return
         HydraConfig.instance().set_config(config)
@@ -296,6 +302,53 @@ def swept_keys(config: DictConfig) -> list[str]:
         if o.is_sweep_override() and o.key_or_group not in keys:
             keys.append(o.key_or_group)
     return keys
+
+
+def grid_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, in job order, of a sweep whose jobs are known before it starts (Hydra's
+    grid sweeper: every combination of the swept values, a key given twice taking its last value);
+    None for a sweeper that picks its jobs as it goes (Optuna)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if sweeper_records_failures(config.hydra.sweeper):
+        return None
+    lines = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    lines += [str(o) for o in config.hydra.overrides.task]
+    options: dict[str, list[str]] = {}
+    for o in OverridesParser.create().parse_overrides(lines):
+        key = o.get_key_element()
+        if not o.is_sweep_override():
+            options[key] = [f"{key}={o.get_value_element_as_str()}"]
+        elif o.is_discrete_sweep():
+            options[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:  # an interval: the grid sweeper refuses it itself
+            return None
+    return [list(job) for job in itertools.product(*options.values())]
+
+
+def refuse_bad_jobs(config: DictConfig, jobs: list[list[str]]) -> None:
+    """Check every job's config as a single run's is checked (nothing made): the first bad job, and
+    how many more, refuse the sweep in one line before any job runs."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from shakegpt.run.checks import check_train_config
+
+    loader, swept, bad = GlobalHydra.instance().config_loader(), swept_keys(config), []
+    try:
+        for num, overrides in enumerate(jobs):
+            job = loader.load_sweep_config(config, overrides)
+            HydraConfig.instance().set_config(job)  # so that ${hydra:...} resolves in the checks
+            try:
+                check_train_config(job)
+            except ShakeGPTError as e:
+                bad.append((num, overrides, e))
+    finally:
+        HydraConfig.instance().set_config(config)
+    if bad:
+        num, overrides, error = bad[0]
+        shown = " ".join(o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept)
+        more = f"; {len(bad) - 1} more job(s) refused too" if len(bad) > 1 else ""
+        raise SystemExit(f"error: job {num} ({shown}): {str(error).rstrip('.')}{more}; no job of the sweep ran")
 
 
 def run_identity() -> tuple[list[str], str]:

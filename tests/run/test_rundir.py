@@ -79,6 +79,26 @@ def test_a_sweep_names_its_swept_keys_to_its_jobs():
     assert swept_keys(cfg) == ["model", "optim.lr", "model.dropout"]
 
 
+def test_a_grid_sweeps_jobs_are_known_before_it_starts_in_hydras_order():
+    """The jobs checked before a grid sweep runs are the ones Hydra's grid sweeper launches, numbered
+    alike (its sweeper's params first, a key given twice taking its last value); an Optuna sweep's are not known."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the reference, in a test only
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from shakegpt.run.rundir import grid_jobs
+
+    task = ["model=v1,v3", "optim.lr=0.1", "seed=3,4", "data.batch_size=8,16,32", "optim.lr=0.2,0.3"]
+    params = {"model.dropout": "0.0,0.1"}
+    grid = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": params}
+    cfg = OmegaConf.create({"hydra": {"overrides": {"task": task}, "sweeper": grid}})
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+    (hydras,) = BasicSweeper.split_arguments(parsed, None)
+    assert grid_jobs(cfg) == hydras and len(hydras) == 2 * 2 * 2 * 3 * 2
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "params": params}
+    assert grid_jobs(OmegaConf.create({"hydra": {"overrides": {"task": task}, "sweeper": optuna}})) is None
+
+
 def _default_run(cwd: Path, *args: str) -> subprocess.Popen:
     """`python train.py` from `cwd`, its run directory left to the default naming."""
     return subprocess.Popen(

@@ -70,18 +70,34 @@ def test_grid_sweep_gives_one_directory_and_tensorboard_run_per_job(tmp_path):
     assert encodings == {"learned", "rope", "none"}
 
 
-def test_a_failing_grid_job_fails_alone_and_the_sweep_still_ends_with_its_table(tmp_path):
+def test_a_grid_sweep_with_a_bad_job_is_refused_before_any_job_runs(tmp_path):
+    """What a config check finds, it finds for every job before the first one trains: one line naming
+    the first bad job and how many more, nothing made."""
     sweep = tmp_path / "sweep"
-    r = multirun(tmp_path, f"data.path={TINY},{tmp_path / 'missing.txt'}", f"hydra.sweep.dir={sweep}", returncode=1)
+    r = multirun(tmp_path, "trainer.num_nodes=1,0", "seed=1,2", f"hydra.sweep.dir={sweep}", returncode=1)
+    assert "Traceback" not in r.stderr and "Launching" not in r.stdout + r.stderr, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: job 2 (trainer.num_nodes=0 seed=1): Lightning refuses the trainer config ("), line
+    assert line.endswith(
+        "`num_nodes` must be a positive integer, but got 0; 1 more job(s) refused too; no job of the sweep ran"
+    )
+    assert not sweep.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_failing_grid_job_fails_alone_and_the_sweep_still_ends_with_its_table(tmp_path):
+    """What only the job itself can find (here its corpus is not text) fails that job alone."""
+    sweep, bad = tmp_path / "sweep", tmp_path / "bad.txt"
+    bad.write_bytes(b"ab\xff\xfecd")
+    r = multirun(tmp_path, f"data.path={TINY},{bad}", f"hydra.sweep.dir={sweep}", returncode=1)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    message = f"data.path={tmp_path / 'missing.txt'} does not exist or is not a file"
-    assert f"error: job 1 (data.path={tmp_path / 'missing.txt'}): {message}" in r.stderr
+    message = f"corpus {bad} is not UTF-8 text (byte 2); point data.path at a text file"
+    assert f"error: job 1 (data.path={bad}): {message}" in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: 1 job(s) of the sweep failed (job 1): each job's train.log in {sweep} has its error and traceback"
     )
     table = (sweep / "summary.md").read_text().strip().splitlines()
     assert table[2].startswith("| 0 | ") and "**" in table[2]  # the job that trained, then the one that failed
-    assert table[3].startswith(f"| 1 | {tmp_path / 'missing.txt'} | failed | {message[:60]}")  # cut to 120
+    assert table[3].startswith(f"| 1 | {bad} | failed | {message[:60]}")  # cut to 120
     assert "\n".join(table) in r.stdout
 
 
