@@ -1,5 +1,6 @@
 """Run directories: unique even for runs started together, names that fit any file system."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -151,12 +152,17 @@ def test_a_refused_run_makes_no_directory_at_all(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def _hydra_cfg(*overrides: str):
-    """The training config with its hydra node, as a sweep composes it."""
+@contextlib.contextmanager
+def _sweep_cfg(sweep_dir: str):
+    """The training config with its hydra node, as a sweep composes it, `sweep_dir` as if set by the
+    config (claimed), not on the command line; inside Hydra's context, where a sweep's callbacks run."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose("train", overrides=[f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True)
+        with read_write(cfg.hydra):
+            cfg.hydra.overrides.hydra = [o for o in cfg.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir")]
+        yield cfg
 
 
 def test_sweeps_started_together_get_their_own_directories_and_their_jobs_follow(tmp_path, monkeypatch):
@@ -165,10 +171,8 @@ def test_sweeps_started_together_get_their_own_directories_and_their_jobs_follow
     monkeypatch.chdir(tmp_path)
     dirs = []
     for _ in range(2):
-        cfg = _hydra_cfg("hydra.sweep.dir=outputs/multiruns/2026-11-30_19-42-07")
-        with read_write(cfg.hydra):  # as if set by the config, not the command line: claimed
-            cfg.hydra.overrides.hydra = [o for o in cfg.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir")]
-        PrepareRun().on_multirun_start(cfg)
+        with _sweep_cfg("outputs/multiruns/2026-11-30_19-42-07") as cfg:
+            PrepareRun().on_multirun_start(cfg)
         dirs.append(cfg.hydra.sweep.dir)
         # each job's config is composed again from these overrides: it must name the claimed directory
         assert cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir={quoted(cfg.hydra.sweep.dir)}"
@@ -181,10 +185,10 @@ def test_a_sweep_directory_that_cannot_be_made_is_one_line(tmp_path, monkeypatch
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").write_text("a file where the folder would go")
-    cfg = _hydra_cfg("hydra.sweep.dir=outputs/multiruns/x")
-    with read_write(cfg.hydra):  # as if set by the config, not the command line: claimed
-        cfg.hydra.overrides.hydra = [o for o in cfg.hydra.overrides.hydra if not o.startswith("hydra.sweep.dir")]
-    with pytest.raises(SystemExit, match="^error: hydra.sweep.dir=outputs/multiruns/x cannot be made: "):
+    with (
+        _sweep_cfg("outputs/multiruns/x") as cfg,
+        pytest.raises(SystemExit, match="^error: hydra.sweep.dir=outputs/multiruns/x cannot be made: "),
+    ):
         PrepareRun().on_multirun_start(cfg)
 
 
