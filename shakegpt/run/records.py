@@ -12,10 +12,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from shakegpt.errors import JOB_ERROR_FILE, ConfigError
+from shakegpt.run.rundir import EVENT_FILES
 from shakegpt.training.record import RECORD_FILE
 
 MAX_ERROR_CHARS = 120  # of a failed job's error, in a sweep's table
-EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, in the run directory itself
 
 
 def is_run(path: Path) -> bool:

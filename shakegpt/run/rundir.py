@@ -38,7 +38,6 @@ try:
 except ImportError:  # Windows: no advisory locks there; runs go unlocked
     fcntl = None
 from shakegpt.run.console import quoted
-from shakegpt.run.records import EVENT_FILES
 
 MAX_CLAIM_TRIES = 1000
 log = logging.getLogger(__name__)
@@ -445,6 +444,7 @@ def remove_if_empty(run_dir: Path) -> None:
 
 # what a run writes into its directory before its first step; a stopped run's directory is emptied of these only
 RUN_ENTRIES = (".hydra", "train.log", "csv", "hparams.yaml", "record.jsonl", "checkpoints", LOCK_FILE)
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, in the run directory itself
 
 
 def remove_unstarted(run_dir: Path) -> None:
