@@ -153,3 +153,21 @@ def test_the_readme_code_map_names_every_module():
         and path.stem not in code_map
     ]
     assert not missing, f"the README's code map does not name {missing}"
+
+
+@pytest.mark.parametrize(
+    "module", ["shakegpt.commands.train", "shakegpt.commands.sample", "shakegpt.commands.evaluate"]
+)
+def test_a_command_imports_no_torch_before_it_runs(module):
+    """A command's module loads without torch or Lightning, so `--help`, a bad value and a missing
+    checkpoint are answered at once (a module-level import of a Lightning-layer name undoes that)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys, {module}; "
+        "loaded = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'pytorch_lightning', 'torchmetrics'}; "
+        "assert not loaded, loaded"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
