@@ -180,6 +180,14 @@ class LitGPT(L.LightningModule):
         self.train_acc_avg.update(acc)
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx):
+        # Lightning numbers what is logged by its own count of batches that stepped, and restores that
+        # count one too high from a checkpoint saved after a validation (interrupted.ckpt when a
+        # signal came then: every later scalar sat a step late); the optimizer steps are exact
+        loop = self.trainer.fit_loop.epoch_loop
+        if loop._batches_that_stepped != self.trainer.global_step:
+            loop._batches_that_stepped = self.trainer.global_step
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # tokens/s over the steps since the last reading, across all ranks, and the wall time a step takes
         now, step = time.perf_counter(), self.global_step

@@ -379,6 +379,11 @@ def test_the_private_lightning_names_shakegpt_relies_on_exist():
     from torch.utils.tensorboard import SummaryWriter
 
     assert callable(subprocess_script._ChildProcessObserver._terminate_all)
+    # the step Lightning logs at, kept equal to the optimizer steps after a resume (LitGPT.on_train_batch_start)
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert isinstance(trainer.fit_loop.epoch_loop._batches_that_stepped, int)
     # the HParams entry is written through the TensorBoard logger's writer (torch's SummaryWriter)
     assert callable(SummaryWriter._get_file_writer)
 

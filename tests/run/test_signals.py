@@ -17,11 +17,13 @@ import termios
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from shakegpt.errors import RunInterrupted
 from shakegpt.run.failures import describe_interruption, stopping_signal
+from shakegpt.run.records import read_scalars
 from shakegpt.run.rundir import remove_unstarted
 from shakegpt.run.signals import Terminated
 
@@ -217,3 +219,37 @@ def test_a_sweep_stopped_by_a_signal_still_ends_in_its_table(tmp_path):
     summary = (sweep / "summary.md").read_text()
     assert "seed" in summary and "stopped; its jobs so far, best first" in out
     assert not (sweep / "1_seed=2").exists()  # the sweep ended with the stopped job
+
+
+class SignalAtValidation(L.Callback):
+    """A callback (given on the command line) that sends its own process SIGTERM at the end of the
+    validation after step `step`, as a scheduler's signal arriving then would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == self.step and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_a_validation_resumes_on_the_same_steps(tmp_path):
+    """SIGTERM at the end of a validation, then a resume: every later scalar sits at the step the
+    uninterrupted run logs it at, with its value (Lightning restored its logging step one too high
+    from such a checkpoint, so the resumed part sat a step late)."""
+    run = ("experiment=smoke", "trainer.max_steps=8", "trainer.val_check_interval=4", "trainer.log_every_n_steps=1")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    subprocess.run(train_command(whole, *run), cwd=ROOT, check=True, capture_output=True, timeout=300)
+    signal_at = ("+callbacks.stop._target_=tests.run.test_signals.SignalAtValidation", "+callbacks.stop.step=4")
+    r = subprocess.run(train_command(stopped, *run, *signal_at), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 143 and "SIGTERM (a scheduler's preemption or a kill) at step 4" in r.stdout + r.stderr
+    resume = train_command(stopped, *run, f"ckpt_path={stopped}")
+    subprocess.run(resume, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    a, b = read_scalars(whole), read_scalars(stopped)
+    for tag in ("train/loss", "val/loss"):
+        assert [s for s, _, _ in b[tag]] == [s for s, _, _ in a[tag]], tag
+        assert torch.allclose(
+            torch.tensor([v for _, v, _ in b[tag]]), torch.tensor([v for _, v, _ in a[tag]]), atol=1e-6
+        )
+    assert max(s for s, _, _ in b["val/loss"]) == 8

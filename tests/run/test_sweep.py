@@ -400,7 +400,7 @@ def test_a_preempted_submitit_job_is_requeued_and_resumes_in_its_directory(tmp_p
     said = f"stopped: SIGUSR2 (submitit: the job is preempted or near its time limit) at step {stopped_at}; its state"
     assert said in text and f"resuming at step {stopped_at}" in text and "requeued by submitit" in text
     steps = sorted(s for s, _ in scalars(load_run(job), "train/loss"))
-    assert steps[-1] == 60 and len(set(steps)) == 60  # every step logged once, none twice
+    assert steps[-1] == 60 and len(set(steps)) == 60, steps  # every step logged once, none twice
     submitit_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
     assert "Caught signal SIGUSR2" in submitit_logs and "this job is preempted" in submitit_logs
     (result,) = sweep.glob(".submitit/*/*_result.pkl")
