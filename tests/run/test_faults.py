@@ -260,8 +260,9 @@ def test_a_run_directory_resumes_from_its_latest_state(tmp_path, trained_run):
         ckpt["global_step"] = step
         torch.save(ckpt, later / name)
     assert resolve_resume(tmp_path) == later / "interrupted.ckpt"  # Ctrl-C after the last validation
+    (tmp_path / "notes").mkdir()
     with pytest.raises(CheckpointError, match="is a directory without last.ckpt or interrupted.ckpt"):
-        resolve_resume(out / ".hydra")
+        resolve_resume(tmp_path / "notes")
 
 
 def _fail_writes_after(monkeypatch, n_ok: int, err: int = errno.ENOSPC):
