@@ -228,8 +228,14 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     check_loggers(cfg.get("logger"))
     if output_dir is not None:
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
-        check_writable(output_dir, f"the run directory {output_dir}", checkpoint_bytes(mcfg.to_dict()))
+        need = checkpoint_bytes(mcfg.to_dict())
+        check_writable(output_dir, f"the run directory {output_dir}", need)
+        for sub in WRITTEN_SUBFOLDERS:  # one that is already there may be what cannot be written
+            if (Path(output_dir) / sub).is_dir():
+                check_writable(Path(output_dir) / sub, f"the run's {sub}/ folder {Path(output_dir) / sub}", need)
 
+
+WRITTEN_SUBFOLDERS = ("checkpoints", "csv")  # what a run writes below its directory
 
 _checked_up_front: set[str] = set()
 
