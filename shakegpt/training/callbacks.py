@@ -181,9 +181,9 @@ class HParamsWithMetric(L.Callback):
     """Write the run's entry in TensorBoard's HParams tab (and its settings to the other trackers): a
     column for each setting in `differing` (integers, booleans and strings as themselves), the values
     of all its settings, `name` as the run's name in the table (its trial ID), and the best and the
-    last val loss as the metric columns. Their
-    values come from the scalars logged at each validation, so the tab never shows a placeholder
-    (Lightning's `hp_metric = -1`). The run's status (finished, or failed or stopped) is written at its end."""
+    last val loss as the metric columns. Their values come from the scalars logged at each
+    validation, so the tab never shows a placeholder (Lightning's `hp_metric = -1`). The run's status
+    (finished, or failed or stopped) is written at its end."""
 
     METRICS = (("val/loss_best", "best val loss"), ("val/loss", "last val loss"))
 
