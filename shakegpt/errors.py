@@ -43,6 +43,7 @@ class CheckpointError(ShakeGPTError, RuntimeError):
 
 
 JOB_ERROR_FILE = "error.txt"  # in a failed sweep job's directory: the one-line error, for the sweep's table
+EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, in a run's directory itself (written, read, cleaned up)
 
 
 def exit_on_user_error(entry):

@@ -24,10 +24,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from shakegpt.errors import JOB_ERROR_FILE, ConfigError, exit_on_user_error
+from shakegpt.errors import EVENT_FILES, JOB_ERROR_FILE, ConfigError, exit_on_user_error
 from shakegpt.run.configs import checkout
 from shakegpt.run.records import _job_overrides, is_run, last_sample, read_scalars, run_hparams, summarize
-from shakegpt.run.rundir import EVENT_FILES
 
 
 def reference_dir() -> Path:

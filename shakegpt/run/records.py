@@ -11,8 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from shakegpt.errors import JOB_ERROR_FILE, ConfigError
-from shakegpt.run.rundir import EVENT_FILES
+from shakegpt.errors import EVENT_FILES, JOB_ERROR_FILE, ConfigError
 from shakegpt.training.record import RECORD_FILE
 
 MAX_ERROR_CHARS = 120  # of a failed job's error, in a sweep's table

@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from shakegpt.errors import JOB_ERROR_FILE, ConfigError, ShakeGPTError
+from shakegpt.errors import EVENT_FILES, JOB_ERROR_FILE, ConfigError, ShakeGPTError
 
 try:
     import fcntl
@@ -444,7 +444,6 @@ def remove_if_empty(run_dir: Path) -> None:
 
 # what a run writes into its directory before its first step; a stopped run's directory is emptied of these only
 RUN_ENTRIES = (".hydra", "train.log", "csv", "hparams.yaml", "record.jsonl", "checkpoints", LOCK_FILE)
-EVENT_FILES = "events.out.tfevents.*"  # TensorBoard's, in the run directory itself
 
 
 def remove_unstarted(run_dir: Path) -> None:
