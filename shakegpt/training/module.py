@@ -126,6 +126,7 @@ class LitGPT(L.LightningModule):
         self.finite_check_every = 1
         self._nonfinite: torch.Tensor | None = None  # any non-finite loss since the last look
         self._checked_step = 0  # the step of the last look
+        self._align_log_step = False  # set at fit start: Lightning's logging step, checked at the first batch
 
     def use_step_choices(self, compile: bool, finite_check_every: int, backend: str = "inductor") -> None:
         """Apply `shakegpt.hardware.step_choices`: compile the training and validation forward (the
@@ -184,9 +185,10 @@ class LitGPT(L.LightningModule):
         # Lightning numbers what is logged by its own count of batches that stepped, and restores that
         # count one too high from a checkpoint saved after a validation (interrupted.ckpt when a
         # signal came then: every later scalar sat a step late); the optimizer steps are exact
-        loop = self.trainer.fit_loop.epoch_loop
-        if loop._batches_that_stepped != self.trainer.global_step:
-            loop._batches_that_stepped = self.trainer.global_step
+        # Only the first batch after fit starts can be off: set it once there, not at every step
+        if self._align_log_step:
+            self._align_log_step = False
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         # tokens/s over the steps since the last reading, across all ranks, and the wall time a step takes
@@ -297,6 +299,7 @@ class LitGPT(L.LightningModule):
         )
 
     def on_train_start(self) -> None:
+        self._align_log_step = True  # Lightning's loop reset, which miscounts, comes after this hook
         self._checked_step = self.global_step  # a resumed run's first look covers its own steps only
         # restored here, after Lightning's own setup has drawn from the generator
         rng, self._resume_rng = self._resume_rng, None
