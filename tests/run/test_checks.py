@@ -116,24 +116,25 @@ def test_resume_paths_are_checked_before_the_run(make_cfg, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("sub", ["checkpoints", "csv"])
 def test_a_run_directory_whose_checkpoints_folder_cannot_be_written_is_refused_before_the_run(
-    make_cfg, tmp_path, monkeypatch
+    make_cfg, tmp_path, monkeypatch, sub
 ):
     """A checkpoints/ folder that is there and read-only (the run directory itself writable) is
     found before training, not at the first validation's checkpoint."""
     real = tempfile.TemporaryFile
 
     def read_only_checkpoints(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir).name == "checkpoints":
+        if dir is not None and Path(dir).name == sub:
             raise OSError(errno.EACCES, "Permission denied")
         return real(*args, dir=dir, **kwargs)
 
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    (run / sub).mkdir(parents=True)
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only_checkpoints)
     with pytest.raises(
         ConfigError,
-        match=rf"the run's checkpoints/ folder {run / 'checkpoints'} cannot be written \({run / 'checkpoints'}: Permission denied\)",
+        match=rf"the run's {sub}/ folder {run / sub} cannot be written \({run / sub}: Permission denied\)",
     ):
         check_train_config(make_cfg(), run)
 
