@@ -116,25 +116,24 @@ def test_resume_paths_are_checked_before_the_run(make_cfg, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("sub", ["checkpoints", "csv"])
 def test_a_run_directory_whose_checkpoints_folder_cannot_be_written_is_refused_before_the_run(
-    make_cfg, tmp_path, monkeypatch, sub
+    make_cfg, tmp_path, monkeypatch
 ):
     """A checkpoints/ folder that is there and read-only (the run directory itself writable) is
     found before training, not at the first validation's checkpoint."""
     real = tempfile.TemporaryFile
 
     def read_only_checkpoints(*args, dir=None, **kwargs):
-        if dir is not None and Path(dir).name == sub:
+        if dir is not None and Path(dir).name == "checkpoints":
             raise OSError(errno.EACCES, "Permission denied")
         return real(*args, dir=dir, **kwargs)
 
     run = tmp_path / "run"
-    (run / sub).mkdir(parents=True)
+    (run / "checkpoints").mkdir(parents=True)
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only_checkpoints)
     with pytest.raises(
         ConfigError,
-        match=rf"the run's {sub}/ folder {run / sub} cannot be written \({run / sub}: Permission denied\)",
+        match=rf"the run's checkpoints/ folder {run / 'checkpoints'} cannot be written \({run / 'checkpoints'}: Permission denied\)",
     ):
         check_train_config(make_cfg(), run)
 
