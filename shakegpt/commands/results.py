@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from shakegpt.errors import EVENT_FILES, JOB_ERROR_FILE, ConfigError, exit_on_user_error
 from shakegpt.run.configs import checkout
-from shakegpt.run.records import _job_overrides, is_run, last_sample, read_scalars, run_hparams, summarize
+from shakegpt.run.records import RECORD_FILE, _job_overrides, is_run, last_sample, read_scalars, run_hparams, summarize
 
 
 def reference_dir() -> Path:
@@ -119,6 +119,8 @@ def keep(
             new.mkdir(parents=True)
             for f in [*run_dir.glob(EVENT_FILES), *run_dir.glob(f"tensorboard/{EVENT_FILES}")]:
                 shutil.copy2(f, new / f.name)  # beside the rest, so TensorBoard names the run by its folder
+            if (run_dir / RECORD_FILE).is_file():  # the times metrics.json quotes are the record's
+                shutil.copy2(run_dir / RECORD_FILE, new / RECORD_FILE)
             shutil.copy2(config, new / "config.yaml")
             shutil.copy2(run_dir / ".hydra" / "overrides.yaml", new / "overrides.yaml")
             if (run_dir / "train.log").is_file():

@@ -47,6 +47,7 @@ def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
         *events,
         "metrics.json",
         "overrides.yaml",
+        "record.jsonl",
         "sample.txt",
     ]
     assert not list(dest.rglob("*.ckpt"))
@@ -57,7 +58,9 @@ def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
     assert m["tokens_per_step"] == cfg.data.batch_size * cfg.data.seq_len
     sample = (dest / "sample.txt").read_text()
     assert sample == last_sample(run_dir) and len(sample) >= 20 and not sample.startswith("    ")
-    # the kept event files alone give the same summary
+    # the kept folder gives metrics.json's summary, times included; its event files alone, the same losses
+    assert {k: m[k] for k in summarize(dest)} == summarize(dest)
+    (dest / "record.jsonl").unlink()
     assert summarize(dest)["best_val_loss"] == m["best_val_loss"]
     assert load_reference(tmp_path / "ref") == [m]
     rows = table(tmp_path / "ref").splitlines()
