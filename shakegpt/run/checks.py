@@ -230,12 +230,21 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
         check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
         need = checkpoint_bytes(mcfg.to_dict())
         check_writable(output_dir, f"the run directory {output_dir}", need)
-        for sub in WRITTEN_SUBFOLDERS:  # one that is already there may be what cannot be written
-            if (Path(output_dir) / sub).is_dir():
-                check_writable(Path(output_dir) / sub, f"the run's {sub}/ folder {Path(output_dir) / sub}", need)
+        for folder in written_folders(cfg):  # one that is already there may be what cannot be written
+            if folder.is_dir() and folder != Path(output_dir):
+                check_writable(folder, f"the run's {folder.name}/ folder {folder}", need)
 
 
-WRITTEN_SUBFOLDERS = ("checkpoints", "csv")  # what a run writes below its directory
+def written_folders(cfg: DictConfig) -> list[Path]:
+    """The folders the config's callbacks (`dirpath`) and loggers (`save_dir`/`name`/`version`, as
+    Lightning joins them) write into, wherever the config puts them."""
+    folders = [c.get("dirpath") for c in (cfg.get("callbacks") or {}).values() if c]
+    for logger in (cfg.get("logger") or {}).values():
+        if logger and logger.get("save_dir"):
+            parts = [logger.get("name"), logger.get("version")]
+            folders.append(str(Path(logger.save_dir, *(p for p in parts if isinstance(p, str)))))
+    return sorted({Path(f) for f in folders if f})
+
 
 _checked_up_front: set[str] = set()
 

@@ -128,7 +128,7 @@ def test_a_run_directory_whose_checkpoints_folder_cannot_be_written_is_refused_b
             raise OSError(errno.EACCES, "Permission denied")
         return real(*args, dir=dir, **kwargs)
 
-    run = tmp_path / "run"
+    run = tmp_path  # make_cfg's run directory: the config's callbacks write to <it>/checkpoints
     (run / "checkpoints").mkdir(parents=True)
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only_checkpoints)
     with pytest.raises(
@@ -136,6 +136,13 @@ def test_a_run_directory_whose_checkpoints_folder_cannot_be_written_is_refused_b
         match=rf"the run's checkpoints/ folder {run / 'checkpoints'} cannot be written \({run / 'checkpoints'}: Permission denied\)",
     ):
         check_train_config(make_cfg(), run)
+    # where the config moves checkpoints, that folder is the one checked
+    elsewhere = tmp_path / "elsewhere" / "checkpoints"
+    elsewhere.mkdir(parents=True)
+    (run / "checkpoints").rmdir()
+    cfg = make_cfg(f"callbacks.checkpoint.dirpath={elsewhere}", f"callbacks.on_exception.dirpath={elsewhere}")
+    with pytest.raises(ConfigError, match=rf"the run's checkpoints/ folder {elsewhere} cannot be written"):
+        check_train_config(cfg, run)
 
 
 def test_an_unwritable_run_directory_is_refused(tmp_path, monkeypatch):
