@@ -59,7 +59,8 @@ def test_keep_copies_the_small_artifacts(hydra_run, tmp_path):
     sample = (dest / "sample.txt").read_text()
     assert sample == last_sample(run_dir) and len(sample) >= 20 and not sample.startswith("    ")
     # the kept folder gives metrics.json's summary, times included; its event files alone, the same losses
-    assert {k: m[k] for k in summarize(dest)} == summarize(dest)
+    kept = summarize(dest)
+    assert {k: m[k] for k in kept} == kept
     (dest / "record.jsonl").unlink()
     assert summarize(dest)["best_val_loss"] == m["best_val_loss"]
     assert load_reference(tmp_path / "ref") == [m]
@@ -193,6 +194,17 @@ def test_committed_reference_runs_agree_with_their_events_and_the_docs(run):
 @pytest.mark.parametrize(("run", "overrides"), SHORT_COMMANDS.items())
 def test_experiment_configs_train_as_their_kept_runs(run, overrides):
     assert_trains_as_kept(ROOT / "outputs" / "reference" / run, overrides)
+
+
+def test_the_leak_figures_the_readme_quotes_are_the_kept_pairs():
+    best = {
+        run: json.loads((ROOT / "outputs" / "reference" / run / "metrics.json").read_text())["best_val_loss"]
+        for run in ("v3-fast-1400", "v3-seqnorm-1400")
+    }
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    gap = best["v3-fast-1400"] - best["v3-seqnorm-1400"]
+    assert f"scored {gap:.3f} lower over the window than a causal one" in readme
+    assert f"({best['v3-seqnorm-1400']:.4f} against {best['v3-fast-1400']:.4f}," in readme
 
 
 def test_the_2_5_hour_floor_the_docs_state_is_the_kept_runs():

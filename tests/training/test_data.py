@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,11 @@ def test_datamodule_split_and_vocab(real_corpus):
     dm.setup("fit")
     assert len(dm.train_ids) == 1_003_854 and len(dm.val_ids) == 111_540
     assert dm.tokenizer.vocab_size == 66 and dm.train_ids.dtype == torch.uint8
+    # evaluate's `last pos` averages one position per window: the docs say how few that is at v3's 256
+    windows = len(ValWindows(dm.val_ids, 256))
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    assert f"({windows} for tinyshakespeare at seq_len 256)" in (docs / "sampling.md").read_text()
+    assert f"the validation split's {windows} windows" in " ".join((docs / "results.md").read_text().split())
 
 
 @pytest.mark.parametrize(
