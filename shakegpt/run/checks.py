@@ -181,9 +181,13 @@ def check_path_exists(value: Any, key: str = "ckpt_path") -> None:
         raise CheckpointError(f"{key}={value} does not exist; give a .ckpt file or a run directory")
 
 
-def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True) -> None:
+def check_train_config(
+    cfg: DictConfig, output_dir: str | Path | None = None, check_ckpt: bool = True, claimed_after: bool = False
+) -> None:
     """Every check that needs no corpus: optimizer, seed, trainer, data, model, sampling, resume,
-    the returned metric, and the run directory (writable, free space, not another run's)."""
+    the returned metric, and the run directory (writable, free space, not another run's).
+    `claimed_after`: the run gets `output_dir` or a free numbered variant of it once the checks pass
+    (a default-named run), so another run's checkpoints already there do not concern it."""
     if check_ckpt:
         check_path_exists(cfg.get("ckpt_path"))  # before the imports below: a typo is told at once
     from shakegpt.corpus import TINYSHAKESPEARE_SHA256, TINYSHAKESPEARE_URL, check_source
@@ -227,7 +231,8 @@ def check_train_config(cfg: DictConfig, output_dir: str | Path | None = None, ch
     check_trainer_with_lightning(cfg.trainer)  # last: it imports Lightning, seconds that a bad value above is spared
     check_loggers(cfg.get("logger"))
     if output_dir is not None:
-        check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
+        if not claimed_after:
+            check_run_directory(Path(output_dir), resuming=bool(cfg.get("ckpt_path")))
         need = checkpoint_bytes(mcfg.to_dict())
         check_writable(output_dir, f"the run directory {output_dir}", need)
         for folder in written_folders(cfg):  # one that is already there may be what cannot be written

@@ -169,7 +169,7 @@ class PrepareRun(Callback):
             target, explicit = resumed, True
         try:
             self._set_output_dir(config, target)
-            check_train_config(config, target)
+            check_train_config(config, target, claimed_after=not explicit)
             rank = torchrun_rank()
             if rank is not None:  # one run directory for every rank torchrun started: rank 0's
                 target = agreed_run_dir(rank, lambda: target if explicit else claim(target))

@@ -145,6 +145,17 @@ def test_a_run_directory_whose_checkpoints_folder_cannot_be_written_is_refused_b
         check_train_config(cfg, run)
 
 
+def test_a_default_named_run_is_not_refused_for_the_checkpoints_of_a_run_started_in_the_same_second(make_cfg, tmp_path):
+    """Two runs started within one second share the default name: the first may have written its
+    checkpoints there before the second is checked, and the second then claims `<name>-2` (the slow
+    tests/run/test_rundir.py::test_two_runs_started_together_get_their_own_directories failed so)."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"another run's")
+    with pytest.raises(ConfigError, match=r"already holds another run's checkpoints \(last.ckpt\)"):
+        check_train_config(make_cfg(), tmp_path)  # a directory given with hydra.run.dir
+    check_train_config(make_cfg(), tmp_path, claimed_after=True)
+
+
 def test_an_unwritable_run_directory_is_refused(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
