@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from shakegpt.run.configs import CONF_DIR, hydra_errors_in_one_line
 from shakegpt.run.rundir import claimed_run_dir, release_run_dir_locks
-from shakegpt.run.signals import sigterm_raises, stopped_before_training
+from shakegpt.run.signals import signals_raise, stopped_before_training
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -22,7 +22,7 @@ def main() -> float | None:
     # Ctrl-C or SIGTERM before training starts (Hydra making the run, imports, the corpus) ends in one
     # line with no run directory left; Lightning handles both once fit runs
     claimed_run_dir(forget=True)
-    with sigterm_raises(), hydra_errors_in_one_line():
+    with signals_raise(), hydra_errors_in_one_line():
         try:
             return run()
         except KeyboardInterrupt as e:

@@ -2,11 +2,17 @@
 (`shakegpt.run.failures.stopping_signal` reads what it leaves); before that, reading the corpus or
 importing torch, a SIGTERM would kill the process with nothing said and a run directory left with
 nothing in it. From the command's first line until fit, SIGTERM raises `Terminated`, which ends the
-program the way Ctrl-C's KeyboardInterrupt does: one line, no run directory, exit code 143 (130)."""
+program the way Ctrl-C's KeyboardInterrupt does: one line, no run directory, exit code 143 (130).
+
+Python drops an exception raised while a `__del__` method or a weakref callback runs ("Exception
+ignored in …"): a signal arriving while the garbage collector finalizes an object would be lost, and
+the run would go on training. So the handlers also note the signal, and the run acts on it at the
+hand-over to Lightning, at each training step and after fit."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,25 +31,75 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
+_noted: int | None = None  # the last signal the handlers below saw
+
+
+def _raise_for_signal(signum, frame) -> None:
+    global _noted
+    _noted = signum
+    raise as_interrupt(signum)
+
+
+def _note_for_lightning(signum, frame) -> None:
+    """SIGTERM while fit runs: Lightning's handler, which stops at the next step, calls this one after
+    its own; one that came before Lightning's was in place is only noted, and sent again."""
+    global _noted
+    _noted = signum
+
+
+def _take_noted() -> int | None:
+    global _noted
+    signum, _noted = _noted, None
+    return signum
 
 
 @contextlib.contextmanager
-def sigterm_raises():
-    """While the block runs, until `lightning_takes_sigterm`: SIGTERM raises Terminated. The handler
-    found before is put back after (a test or a notebook running the command in its own process)."""
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+def signals_raise():
+    """While the block runs: Ctrl-C raises KeyboardInterrupt (as Python's own handler does) and,
+    outside fit, SIGTERM raises Terminated; both are noted in case Python drops the exception. The
+    handlers found before are put back after (a test or a notebook running the command in its own
+    process)."""
+    _take_noted()
+    previous = {s: signal.signal(s, _raise_for_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _take_noted()
 
 
-def lightning_takes_sigterm() -> None:
-    """Just before fit: give SIGTERM back to its default, which Lightning's own handler replaces."""
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _raise_noted() -> None:
+    """Raise a signal noted but not acted on (see the module's docstring)."""
+    signum = _take_noted()
+    if signum is not None:
+        raise as_interrupt(signum)
+
+
+def hand_over_to_lightning() -> None:
+    """Just before fit: a signal noted so far stops the run here. From here SIGTERM is only noted:
+    Lightning puts its own handler in front of that one once fit starts."""
+    _raise_noted()
+    if signal.getsignal(signal.SIGTERM) is _raise_for_signal:
+        signal.signal(signal.SIGTERM, _note_for_lightning)
+
+
+def at_each_step(lightning_saw_sigterm: bool) -> None:
+    """During fit, before each step: a Ctrl-C whose KeyboardInterrupt Python dropped is raised again,
+    and a SIGTERM that came before Lightning's handler was in place is sent again, to it."""
+    signum = _take_noted()
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    if signum == signal.SIGTERM and not lightning_saw_sigterm:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def take_back_from_lightning() -> None:
+    """After fit (the final sample): a signal noted in its last step stops the run here, and SIGTERM
+    raises Terminated again."""
+    if signal.getsignal(signal.SIGTERM) is _note_for_lightning:
+        signal.signal(signal.SIGTERM, _raise_for_signal)
+    _raise_noted()
 
 
 def before_first_step(signum: int) -> str:

@@ -37,7 +37,13 @@ from shakegpt.run.rundir import (
     run_identity,
     sweeper_records_failures,
 )
-from shakegpt.run.signals import as_interrupt, lightning_takes_sigterm, stopped_before_training
+from shakegpt.run.signals import (
+    as_interrupt,
+    at_each_step,
+    hand_over_to_lightning,
+    stopped_before_training,
+    take_back_from_lightning,
+)
 from shakegpt.run.sweep_ddp import sweep_job
 from shakegpt.training.callbacks import (
     AtomicCheckpointIO,
@@ -129,7 +135,11 @@ def train(
         extra["enable_progress_bar"] = False
     if not any(isinstance(c, ProgressBar) for c in callbacks):  # progress as a log line every N steps
         callbacks.append(StepLines(cfg.trainer.get("log_every_n_steps", 50)))
-    callbacks += [HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name), ScalarsLayout()]
+    callbacks += [
+        HParamsWithMetric(params, differing(params, cfg, choices, differ or []), name),
+        ScalarsLayout(),
+        SignalsNoted(),
+    ]
     # the config's loggers, and the run's own record, which the summary, sweep tables and `results` read
     loggers = [build(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     loggers.append(RunRecord(cfg.paths.output_dir))
@@ -160,7 +170,7 @@ def train(
                 precision,
             ),
         )
-    lightning_takes_sigterm()
+    hand_over_to_lightning()
     stop_on_preemption(trainer)  # in a submitit job: its preemption signal stops at the next step
     try:
         # weights_only: resuming reads tensors and plain data, never code from the file
@@ -179,6 +189,7 @@ def train(
         raise RunInterrupted(line, signum) from None
     except Exception as e:
         raise TrainingFailed(describe_failure(e, Path(cfg.paths.output_dir), trainer.global_step)) from e
+    take_back_from_lightning()  # a signal noted in the last step: stop before the sample, as during it
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if "val/loss_best" not in metrics and math.isfinite(module.best_val_loss):
@@ -199,6 +210,14 @@ def train(
         score = float(ckpt.best_model_score) if best else None
         log.info("%s", summary(Path(cfg.paths.output_dir), best, score, trainer.global_step))
     return metrics
+
+
+class SignalsNoted(L.Callback):
+    """A signal the handlers noted but nobody acted on (`shakegpt.run.signals`) stops the run at the
+    next step."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        at_each_step(trainer.received_sigterm)
 
 
 def close_bars(trainer: L.Trainer) -> None:

@@ -21,13 +21,14 @@ import lightning as L
 import pytest
 import torch
 
+from shakegpt.commands import train as train_command_module
 from shakegpt.errors import RunInterrupted
 from shakegpt.run.failures import describe_interruption, stopping_signal
 from shakegpt.run.records import read_scalars
 from shakegpt.run.rundir import remove_unstarted
-from shakegpt.run.signals import Terminated
+from shakegpt.run.signals import Terminated, hand_over_to_lightning, signals_raise
 
-from ..conftest import ROOT, train_command, wait_for_log
+from ..conftest import ROOT, SHRINK, run_here, train_command, wait_for_log
 
 
 def test_what_lightning_leaves_is_read_as_the_signal():
@@ -87,6 +88,97 @@ def test_a_stop_before_any_run_directory_or_after_training_is_one_line(tmp_path,
     assert capsys.readouterr().err.strip() == (
         f"stopped: SIGTERM (a scheduler's preemption or a kill); the run's checkpoints are in {tmp_path / 'checkpoints'}"
     )
+
+
+class _SignalsWhileFinalized:
+    """An object whose `__del__` sends this process a signal: the handler runs inside `__del__`, where
+    Python drops what it raises, as when a signal comes while the garbage collector runs."""
+
+    def __init__(self, sig: int):
+        self.sig = sig
+
+    def __del__(self):
+        os.kill(os.getpid(), self.sig)
+        time.sleep(0.01)  # the handler runs here, before __del__ returns
+
+
+def _drop_signal(sig: int, monkeypatch) -> list:
+    """Send `sig` from inside a `__del__`; what Python reported it dropped there."""
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    _SignalsWhileFinalized(sig)  # made and finalized at once
+    return dropped
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_python_dropped_before_fit_still_stops_the_run(sig, monkeypatch):
+    """The failure CI met: Ctrl-C during a finalizer was lost and the run trained on."""
+    with signals_raise():
+        dropped = _drop_signal(sig, monkeypatch)
+        assert dropped == [Terminated if sig == signal.SIGTERM else KeyboardInterrupt]  # lost where it was raised
+        with pytest.raises(KeyboardInterrupt) as info:
+            hand_over_to_lightning()
+        assert getattr(info.value, "signum", signal.SIGINT) == sig
+        hand_over_to_lightning()  # raised once: nothing pending any more
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own handler back
+
+
+class DroppedCtrlC(L.Callback):
+    """Ctrl-C sent from a finalizer once step `step` is done (a test's callback, added from the command line)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            _SignalsWhileFinalized(signal.SIGINT)
+
+
+@pytest.mark.parametrize("last", [False, True], ids=["mid-run", "last-step"])
+def test_a_ctrl_c_python_dropped_in_training_stops_the_run(tmp_path, monkeypatch, last):
+    """Mid-run: stopped at the next step as a Ctrl-C is. At the last step: no final sample, the
+    checkpoints kept, as for a Ctrl-C during that sample."""
+    out = tmp_path / "run"
+    dropped = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+    drop = ("+callbacks.drop._target_=tests.run.test_signals.DroppedCtrlC", f"+callbacks.drop.step={4 if last else 2}")
+    steps = "trainer.max_steps=4" if last else "trainer.max_steps=50"
+    r = run_here(train_command_module.main, *SHRINK, steps, *drop, f"hydra.run.dir={out}")
+    assert dropped == [KeyboardInterrupt] and r.returncode == 130, r.stderr[-2000:]
+    if last:
+        assert (
+            r.stderr.strip().splitlines()[-1]
+            == f"stopped: Ctrl-C (SIGINT); the run's checkpoints are in {out / 'checkpoints'}"
+        )
+        assert "--- sample after" not in r.stdout
+        assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    else:
+        assert "stopped: Ctrl-C (SIGINT) at step 2" in r.stderr, r.stderr[-2000:]
+        assert torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=True)["global_step"] == 2
+
+
+class SigtermInSetup(L.Callback):
+    """SIGTERM while fit sets up, before Lightning's handler is in place (the test's callback)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_before_lightnings_handler_stops_at_the_first_step(tmp_path):
+    """Between the hand-over and fit's own handler a SIGTERM killed the process on the spot (exit
+    -15, nothing said); it is now passed on to Lightning, which stops after the first step."""
+    out = tmp_path / "run"
+    r = run_here(
+        train_command_module.main,
+        *SHRINK,
+        "trainer.max_steps=50",
+        "+callbacks.term._target_=tests.run.test_signals.SigtermInSetup",
+        f"hydra.run.dir={out}",
+    )
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert "stopped: SIGTERM (a scheduler's preemption or a kill) at step 1" in r.stderr, r.stderr[-2000:]
+    assert torch.load(out / "checkpoints" / "interrupted.ckpt", weights_only=True)["global_step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # pytest's own handler back
 
 
 def _start(out: Path, terminal: bool, *args: str):
