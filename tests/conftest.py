@@ -20,6 +20,12 @@ from omegaconf import DictConfig, open_dict
 
 from shakegpt.corpus import TINYSHAKESPEARE_VOCAB_SIZE
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest` runs a worker per core (-n auto): one torch thread each, or their thread pools fight
+    # over the cores; train() and the commands' subprocesses keep what OMP_NUM_THREADS says
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_corpus.txt"

@@ -89,3 +89,15 @@ def test_this_suite_runs_with_the_locked_versions():
         if have != want:
             differ.append(f"{r.name}: locked {want}, installed {have}")
     assert not differ, "; ".join(differ) + " (refresh the lock, or install from it: see README, Development)"
+
+
+def test_plain_pytest_runs_a_worker_per_core_with_one_thread_each():
+    """The README's `pytest`: pytest-xdist, a worker per core, each worker's torch on one thread (so
+    that two workers' thread pools do not fight over the cores)."""
+    import torch
+
+    addopts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "-n auto" in addopts
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        pytest.skip("run with -n 0: no workers")
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"

@@ -167,7 +167,8 @@ def gpu_tests(check: Check) -> dict:
     tests = REPO / "tests" / "test_gpu.py"
     if not tests.is_file():
         return {"skipped": f"{tests} is not here (the GPU tests run from a checkout)"}
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(tests)]
+    # one process beside the runs, not a worker per core (pytest-xdist)
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-n", "0", "-q", "-p", "no:cacheprovider", str(tests)]
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=max(30, check.left()))
