@@ -61,11 +61,20 @@ def signals_raise():
     process)."""
     _take_noted()
     previous = {s: signal.signal(s, _raise_for_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+
+    def quiet_when_noted(unraisable) -> None:
+        # Python prints a dropped exception with its traceback; one of ours is noted and acted on
+        if not (_noted is not None and unraisable.exc_type and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet_when_noted
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = hook
         _take_noted()
 
 

@@ -4,10 +4,13 @@ interrupted; the TensorBoard logger; and the checkpoint writer that never leaves
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -339,24 +342,48 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                writer = _WriteErrors(f)
-                try:
-                    torch.save(checkpoint, writer)
-                except Exception as e:
-                    # torch's zip writer reports a failed write (a full disk) as "unexpected pos":
-                    # raise the write's own error instead
-                    if writer.error is not None:
-                        raise writer.error from e
-                    raise
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
-        except OSError as e:  # name the checkpoint, not the temporary file or the open stream
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        finally:
-            tmp.unlink(missing_ok=True)
+        with signals_held():
+            try:
+                with open(tmp, "wb") as f:
+                    writer = _WriteErrors(f)
+                    try:
+                        torch.save(checkpoint, writer)
+                    except Exception as e:
+                        # torch's zip writer reports a failed write (a full disk) as "unexpected pos":
+                        # raise the write's own error instead
+                        if writer.error is not None:
+                            raise writer.error from e
+                        raise
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # atomic on POSIX and Windows within one file system
+            except OSError as e:  # name the checkpoint, not the temporary file or the open stream
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+            finally:
+                tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM while the block runs, then deliver them. A KeyboardInterrupt raised
+    inside torch's checkpoint writer comes out of it as "unexpected pos", a crash instead of a stop;
+    held, the signal stops the run just after the checkpoint is whole. Only signals with a Python
+    handler are held (the default ones kill the process, as they would anyway)."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are set from the main thread only
+        yield
+        return
+    came: list[int] = []
+    held = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):
+            held[signum] = signal.signal(signum, lambda s, frame: came.append(s))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(came):
+            os.kill(os.getpid(), signum)  # its own handler runs now, as if it came at this moment
 
 
 class _WriteErrors:

@@ -42,6 +42,39 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_whole(tmp_path,
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
+def test_ctrl_c_during_a_checkpoint_write_stops_after_it_with_the_checkpoint_whole(tmp_path, monkeypatch):
+    """Raised inside torch's writer, the KeyboardInterrupt came out as "unexpected pos" (a crash, the
+    run told to resume from an older state); held, it comes once the new checkpoint is in place."""
+    io, real_save = AtomicCheckpointIO(), torch.save
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+
+    def ctrl_c_mid_write(obj, f, *args, **kwargs):
+        writes = []
+
+        class Stream:  # the file, with Ctrl-C on its second write
+            def write(self, data):
+                writes.append(len(data))
+                if len(writes) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)  # a handler would run here
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+
+        real_save(obj, Stream(), *args, **kwargs)
+        assert len(writes) > 2  # the signal came mid-write
+
+    monkeypatch.setattr(torch, "save", ctrl_c_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_same_seed_same_config_same_run(tmp_path):
     runs = []
     for name in ("a", "b"):
