@@ -1,8 +1,8 @@
 """Signals before training starts. Lightning handles SIGTERM and Ctrl-C once `Trainer.fit` runs
 (`shakegpt.run.failures.stopping_signal` reads what it leaves); before that, reading the corpus or
 importing torch, a SIGTERM would kill the process with nothing said and a run directory left with
-nothing in it. From the command's first line until fit, SIGTERM raises `Terminated`, which ends the
-program the way Ctrl-C's KeyboardInterrupt does: one line, no run directory, exit code 143 (130).
+nothing in it. From the command's first line, outside fit, SIGTERM raises `Terminated`, which ends
+the program the way Ctrl-C's KeyboardInterrupt does: one line, no run directory, exit code 143 (130).
 
 Python drops an exception raised while a `__del__` method or a weakref callback runs ("Exception
 ignored in …"): a signal arriving while the garbage collector finalizes an object would be lost, and
